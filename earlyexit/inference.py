@@ -1,0 +1,112 @@
+"""Batched early-exit inference with compaction.
+
+Stage 0 runs on the whole batch. After each early exit, the samples whose confidence reaches the
+threshold are finished: their logits, exit index and cost are written into the output by index,
+and only the rest continue, compacted, to the next stage. There is no per-sample Python loop and
+one host synchronisation per exit (to learn how many samples stay).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from earlyexit.outputs import EarlyExitResult
+
+__all__ = ["check_threshold", "exit_mask", "run_early_exit"]
+
+
+def check_threshold(threshold: object) -> float:
+    """Validate a confidence threshold T.
+
+    A sample leaves at exit i when h_i ≥ T; T = 0 makes every sample leave at exit 0 and any
+    T above 1 means "never leave early".
+
+    Raises:
+        TypeError: when `threshold` is not a real number.
+        ValueError: when it is NaN or negative.
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"Expected `threshold` to be a float, got {type(threshold).__name__}.")
+    threshold = float(threshold)
+    if threshold != threshold or threshold < 0:
+        raise ValueError(
+            f"Expected `threshold` to be a float >= 0, got {threshold!r}. Hint: 0.5 is the "
+            "paper's value; values above 1 mean that no sample leaves early."
+        )
+    return threshold
+
+
+def exit_mask(confidence_logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Which samples leave at an exit: `sigmoid(a) >= threshold`, computed in float32."""
+    return torch.sigmoid(confidence_logits.float()) >= threshold
+
+
+def _select(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    out = x.index_select(0, index)
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def run_early_exit(
+    stages: Sequence[nn.Module],
+    heads: Sequence[nn.Module],
+    x: torch.Tensor,
+    threshold: float,
+    costs: torch.Tensor,
+    num_classes: int,
+) -> EarlyExitResult:
+    """Run the stages and heads, letting each sample stop at its first confident exit.
+
+    Args:
+        stages: N+1 stages; stage N ends with the model's own classifier.
+        heads: N exit heads, head i on stage i's output.
+        x: the input batch.
+        threshold: T; a sample leaves at exit i when sigmoid(a_i) >= T.
+        costs: the N+1 relative costs.
+        num_classes: the number of classes (shapes the output of an empty batch).
+
+    Returns:
+        Per sample: the logits of the exit it left at, that exit's index and its cost.
+    """
+    n_exits = len(heads)
+    batch = x.shape[0]
+    device = x.device
+    exit_index = torch.full((batch,), n_exits, dtype=torch.long, device=device)
+    remaining = torch.arange(batch, device=device)
+    logits: torch.Tensor | None = None
+    finished = batch == 0
+    for i in range(n_exits):
+        if finished:
+            break
+        x = stages[i](x)
+        class_logits, confidence = heads[i](x)
+        if logits is None:
+            logits = class_logits.new_empty((batch, class_logits.shape[1]))
+        leave = exit_mask(confidence, threshold)
+        n_leave = int(leave.sum())  # the one host synchronisation of this exit
+        if n_leave == 0:
+            continue
+        n_stay = remaining.numel() - n_leave
+        order = torch.argsort(leave.to(torch.int8), stable=True)
+        go = order[n_stay:]
+        done = remaining.index_select(0, go)
+        logits.index_copy_(0, done, class_logits.index_select(0, go).to(logits.dtype))
+        exit_index.index_fill_(0, done, i)
+        if n_stay == 0:
+            finished = True
+            break
+        stay = order[:n_stay]
+        x = _select(x, stay)
+        remaining = remaining.index_select(0, stay)
+    if not finished:
+        final = stages[n_exits](x)
+        if logits is None:
+            logits = final.new_empty((batch, final.shape[1]))
+        logits.index_copy_(0, remaining, final.to(logits.dtype))
+    if logits is None:  # an empty batch
+        logits = x.new_empty((0, num_classes))
+    return EarlyExitResult(logits, exit_index, costs.to(device)[exit_index])

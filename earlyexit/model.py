@@ -1,0 +1,327 @@
+"""`EarlyExitNet`, its config, and `convert()`, the library's entry point."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from earlyexit.errors import PlacementError
+from earlyexit.flops import FlopProfile, count_macs, profile_traced, resolve_input_size
+from earlyexit.graph import split_stages, trace_model
+from earlyexit.heads import ExitHead, canonical_exit_type
+from earlyexit.inference import check_threshold, run_early_exit
+from earlyexit.outputs import EarlyExitResult, ExitOutputs
+from earlyexit.placement import canonical_dist, distribution_targets, place_exits
+
+__all__ = ["EarlyExitConfig", "EarlyExitNet", "convert"]
+
+
+@dataclass
+class EarlyExitConfig:
+    """How to convert a model. `convert` fills in the resolved `exit_names` and `input_size`.
+
+    Attributes:
+        n_exits: N, the number of early exits (the model's own classifier is exit N).
+        dist: the distribution rule: `pareto`, `golden_ratio`, `fine`, `linear` or `quadratic`.
+        exit_type: the exit head: `plain`, `pool` or `bnpool`.
+        threshold: T; at inference a sample leaves at exit i when h_i >= T. Above 1: never.
+        input_size: `(C, H, W)`; from the model's timm config when None.
+        exit_names: the cut points to put the exits after; chosen by `dist` when None.
+    """
+
+    n_exits: int
+    dist: Literal["pareto", "golden_ratio", "fine", "linear", "quadratic"] = "pareto"
+    exit_type: Literal["plain", "pool", "bnpool"] = "pool"
+    threshold: float = 0.5
+    input_size: tuple[int, int, int] | None = None
+    exit_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_exits, bool) or not isinstance(self.n_exits, int):
+            raise ValueError(f"Expected `n_exits` to be a positive int, got {self.n_exits!r}.")
+        if self.n_exits < 1:
+            raise ValueError(f"Expected `n_exits` to be a positive int, got {self.n_exits!r}.")
+        self.dist = canonical_dist(self.dist)  # type: ignore[assignment]
+        self.exit_type = canonical_exit_type(self.exit_type)  # type: ignore[assignment]
+        self.threshold = check_threshold(self.threshold)
+        if self.input_size is not None:
+            self.input_size = tuple(self.input_size)  # type: ignore[assignment]
+        if self.exit_names is not None:
+            names = list(self.exit_names)
+            if len(names) != self.n_exits or not all(isinstance(n, str) for n in names):
+                raise ValueError(
+                    f"Expected `exit_names` to be {self.n_exits} node names, got {names!r}."
+                )
+            self.exit_names = names
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        d = dataclasses.asdict(self)
+        if d["input_size"] is not None:
+            d["input_size"] = list(d["input_size"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EarlyExitConfig:
+        """Rebuild a config from `to_dict`'s output (unknown keys are an error)."""
+        return cls(**d)
+
+    def to_json(self) -> str:
+        """The config as a JSON string."""
+        return json.dumps(self.to_dict())
+
+
+class EarlyExitNet(nn.Module):
+    """A model with early exits: N exit heads along the backbone, the backbone's own head last.
+
+    Build one with `earlyexit.convert`. In train mode `net(x)` returns `ExitOutputs` for
+    `EENetLoss`; in eval mode it returns the `(B, num_classes)` logits of early-exit inference.
+
+    Attributes:
+        backbone: the original model; the stages share its parameters.
+        heads: the N exit heads.
+        config: the resolved `EarlyExitConfig` (with `exit_names` and `input_size`).
+        exit_costs: `(N+1,)` relative costs c_0 < ... < c_N.
+        stage_macs: MACs of each of the N+1 stages, for one sample.
+        head_macs: MACs of each exit head, for one sample.
+        backbone_macs: MACs of the original model, for one sample.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        heads: Sequence[ExitHead],
+        stages: dict[bool, list[nn.Module]],
+        config: EarlyExitConfig,
+        num_classes: int,
+        stage_macs: Sequence[int],
+        head_macs: Sequence[int],
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleList(heads)
+        # Not registered as submodules: they only hold the backbone's own modules, which
+        # `backbone` already owns (and `state_dict` should name once).
+        self._stages = stages
+        self.config = config
+        self.num_classes = num_classes
+        self.stage_macs = [int(m) for m in stage_macs]
+        self.head_macs = [int(m) for m in head_macs]
+        self.backbone_macs = sum(self.stage_macs)
+        costs, total = [], 0
+        for i, macs in enumerate(self.stage_macs):
+            total += macs + (self.head_macs[i] if i < len(self.head_macs) else 0)
+            costs.append(total / self.backbone_macs)
+        self.register_buffer("exit_costs", torch.tensor(costs), persistent=False)
+        self._compiled: dict[bool, list[nn.Module]] | None = None
+
+    @property
+    def num_exits(self) -> int:
+        """N, the number of early exits."""
+        return len(self.heads)
+
+    @property
+    def exit_names(self) -> list[str]:
+        """The qualified name of the graph node after which each early exit sits."""
+        return list(self.config.exit_names or [])
+
+    @property
+    def input_size(self) -> tuple[int, ...]:
+        """The `(C, H, W)` the model was converted at."""
+        return tuple(self.config.input_size or ())
+
+    @property
+    def threshold(self) -> float:
+        """T: a sample leaves at exit i when h_i >= T (values above 1: never early)."""
+        return self.config.threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self.config.threshold = check_threshold(value)
+
+    def stages(self, training: bool | None = None) -> list[nn.Module]:
+        """The N+1 stages for a mode (the current one by default)."""
+        mode = self.training if training is None else training
+        if self._compiled is not None:
+            return self._compiled[mode]
+        return self._stages[mode]
+
+    def compile(self, **kwargs: Any) -> EarlyExitNet:  # type: ignore[override]
+        """Compile each stage and head with `torch.compile` (keyword arguments pass through).
+
+        Early-exit inference then runs the compiled pieces; the parameters stay shared.
+        """
+        dynamic = kwargs.pop("dynamic", True)
+        self._compiled = {
+            mode: [torch.compile(s, dynamic=dynamic, **kwargs) for s in stages]
+            for mode, stages in self._stages.items()
+        }
+        return self
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # Tensors that tracing attached to the stages themselves move with the net too; the
+        # shared modules are visited again, which leaves them as they are.
+        for stages in self._stages.values():
+            for stage in stages:
+                stage._apply(fn, recurse)
+        return self
+
+    def forward_all(self, x: torch.Tensor) -> ExitOutputs:
+        """Run every sample through every exit, whatever the mode.
+
+        Returns:
+            `ExitOutputs` with N+1 class logits, N confidence logits and `exit_costs`.
+        """
+        stages = self.stages()
+        logits, confidence = [], []
+        for stage, head in zip(stages, self.heads):
+            x = stage(x)
+            z, a = head(x)
+            logits.append(z)
+            confidence.append(a)
+        logits.append(stages[-1](x))
+        return ExitOutputs(logits=logits, confidence_logits=confidence, costs=self.exit_costs)
+
+    def early_exit(self, x: torch.Tensor, threshold: float | None = None) -> EarlyExitResult:
+        """Early-exit inference: each sample stops at the first exit with h_i >= threshold.
+
+        Args:
+            x: the input batch.
+            threshold: T for this call; `self.threshold` when None. Above 1: no early exits.
+
+        Returns:
+            `EarlyExitResult(logits, exit_index, cost)`.
+        """
+        t = self.threshold if threshold is None else check_threshold(threshold)
+        return run_early_exit(
+            self.stages(), list(self.heads), x, t, self.exit_costs, self.num_classes
+        )
+
+    def forward(self, x: torch.Tensor) -> ExitOutputs | torch.Tensor:
+        """`ExitOutputs` in train mode; early-exit logits `(B, num_classes)` in eval mode."""
+        if self.training:
+            return self.forward_all(x)
+        return self.early_exit(x).logits
+
+    def extra_repr(self) -> str:
+        costs = ", ".join(f"{c:.3f}" for c in self.exit_costs.tolist())
+        return (
+            f"num_exits={self.num_exits}, exit_names={self.exit_names}, "
+            f"exit_costs=[{costs}], threshold={self.threshold}"
+        )
+
+
+def _resolve_config(
+    n_exits: int | EarlyExitConfig,
+    dist: str,
+    exit_type: str,
+    input_size: Sequence[int] | None,
+    threshold: float,
+) -> EarlyExitConfig:
+    if isinstance(n_exits, EarlyExitConfig):
+        return dataclasses.replace(n_exits)
+    return EarlyExitConfig(
+        n_exits=n_exits,
+        dist=dist,  # type: ignore[arg-type]
+        exit_type=exit_type,  # type: ignore[arg-type]
+        threshold=threshold,
+        input_size=tuple(input_size) if input_size is not None else None,  # type: ignore[arg-type]
+    )
+
+
+def _choose_exits(prof: FlopProfile, config: EarlyExitConfig, model_name: str) -> list[int]:
+    names = prof.names()
+    if config.exit_names is not None:
+        missing = [n for n in config.exit_names if n not in names]
+        if missing:
+            raise PlacementError(
+                f"{model_name} has no candidate exit point named {missing}. Hint: "
+                "`earlyexit.profile(model).candidates` lists them."
+            )
+        picks = [names.index(n) for n in config.exit_names]
+        if picks != sorted(set(picks)):
+            raise PlacementError(f"`exit_names` {config.exit_names} are not in execution order.")
+        return picks
+    if config.n_exits > len(names):
+        raise PlacementError(
+            f"{model_name} has {len(names)} candidate exit points but n_exits={config.n_exits}. "
+            "Hint: `earlyexit.profile(model)` lists them; use fewer exits."
+        )
+    targets = distribution_targets(config.dist, config.n_exits)
+    return place_exits([c.fraction for c in prof.candidates], targets)
+
+
+def convert(
+    model: nn.Module,
+    n_exits: int | EarlyExitConfig,
+    dist: str = "pareto",
+    exit_type: str = "pool",
+    input_size: Sequence[int] | None = None,
+    threshold: float = 0.5,
+) -> EarlyExitNet:
+    """Turn a classifier into an early-exit network.
+
+    The model is traced with torch.fx, profiled with fvcore, and split after the cut points
+    that the distribution rule picks; an exit head goes on each. The model itself is not
+    modified: the returned net's stages share its parameters.
+
+    Args:
+        model: a timm, torchvision or other traceable classifier.
+        n_exits: N, the number of early exits, or a full `EarlyExitConfig`.
+        dist: `pareto`, `golden_ratio` (aliases `gold_ratio`, `golden`), `fine`, `linear` or
+            `quadratic`.
+        exit_type: `plain`, `pool` or `bnpool`.
+        input_size: `(C, H, W)`; taken from `model.pretrained_cfg["input_size"]` when None.
+        threshold: T for early-exit inference (the paper uses 0.5).
+
+    Returns:
+        The `EarlyExitNet`, on the model's device, in the model's mode.
+
+    Raises:
+        ValueError: for bad argument values.
+        TraceError: when the model cannot be traced, profiled or is not a classifier.
+        PlacementError: when the exits cannot be placed (e.g. too few candidates).
+
+    Example:
+        >>> import timm, earlyexit
+        >>> net = earlyexit.convert(timm.create_model("resnet20"), n_exits=3, dist="linear")
+        >>> net.num_exits, net.exit_names
+        (3, ['layer1.2', 'layer2.1', 'layer3.0'])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected `model` to be an nn.Module, got {type(model).__name__}.")
+    if isinstance(model, EarlyExitNet):
+        raise TypeError("`model` is already an EarlyExitNet. Hint: convert its `backbone`.")
+    config = _resolve_config(n_exits, dist, exit_type, input_size, threshold)
+    config.input_size = resolve_input_size(model, config.input_size)
+    traced = trace_model(model, config.input_size)
+    prof = profile_traced(traced)
+    picks = _choose_exits(prof, config, type(model).__name__)
+    chosen = [prof.candidates[k] for k in picks]
+    config.exit_names = [c.name for c in chosen]
+
+    param = next(iter(model.parameters()), None)
+    heads = [ExitHead(config.exit_type, c.shape, c.channel_axis, prof.num_classes) for c in chosen]
+    head_macs = [count_macs(h, torch.zeros(1, *h.shape)) for h in heads]
+    if param is not None:
+        heads = [h.to(device=param.device, dtype=param.dtype) for h in heads]
+    for h in heads:
+        h.train(model.training)
+
+    cumulative = [c.cumulative_macs for c in chosen] + [prof.total_macs]
+    stage_macs = [b - a for a, b in zip([0, *cumulative[:-1]], cumulative)]
+    stages = {
+        False: split_stages(traced.eval_graph, config.exit_names),
+        True: split_stages(traced.train_graph, config.exit_names),
+    }
+    net = EarlyExitNet(model, heads, stages, config, prof.num_classes, stage_macs, head_macs)
+    # Take the model's mode without touching its modules' own flags.
+    net.training = model.training
+    return net

@@ -1,0 +1,52 @@
+"""Hand-written models for the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bn(self.conv(x)))
+
+
+class ToyNet(nn.Module):
+    """A small residual CNN with no timm config (so `input_size` must be given)."""
+
+    def __init__(self, num_classes: int = 5, channels: int = 8, depth: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.blocks = nn.Sequential(*(Block(channels) for _ in range(depth)))
+        self.dropout = nn.Dropout(0.5)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(torch.relu(self.stem(x)))
+        return self.fc(self.dropout(x.mean((2, 3))))
+
+
+class FeatureNet(nn.Module):
+    """Returns a feature map, not class logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.conv(x))
+
+
+class BranchyNet(ToyNet):
+    """Control flow that depends on the data: torch.fx cannot trace it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            x = x * 2
+        return super().forward(x)
