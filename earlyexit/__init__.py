@@ -15,6 +15,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from earlyexit import models as _models  # noqa: F401  (registers the paper's models in timm)
+from earlyexit.calibrate import TradeoffCurve, calibrate, plot_tradeoff, tradeoff_curve
 from earlyexit.errors import (
     CheckpointError,
     EarlyExitError,
@@ -22,12 +23,22 @@ from earlyexit.errors import (
     PlacementError,
     TraceError,
 )
+from earlyexit.export import ExportedEarlyExit, export_onnx, export_stages
 from earlyexit.flops import Candidate, FlopProfile, profile
 from earlyexit.heads import ExitHead
+from earlyexit.io import load, save
 from earlyexit.loss import EENetLoss, eenet_loss
 from earlyexit.model import EarlyExitConfig, EarlyExitNet, convert
 from earlyexit.outputs import EarlyExitResult, ExitOutputs
 from earlyexit.placement import DISTRIBUTIONS, distribution_targets
+from earlyexit.training import (
+    Evaluation,
+    evaluate,
+    freeze_backbone,
+    param_groups,
+    select_exits,
+    train_one_epoch,
+)
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -39,14 +50,29 @@ __all__ = [
     "EarlyExitNet",
     "EarlyExitResult",
     "EarlyExitWarning",
+    "Evaluation",
     "ExitHead",
     "ExitOutputs",
+    "ExportedEarlyExit",
     "FlopProfile",
     "PlacementError",
     "TraceError",
+    "TradeoffCurve",
     "__version__",
+    "calibrate",
     "convert",
     "distribution_targets",
     "eenet_loss",
+    "evaluate",
+    "export_onnx",
+    "export_stages",
+    "freeze_backbone",
+    "load",
+    "param_groups",
+    "plot_tradeoff",
     "profile",
+    "save",
+    "select_exits",
+    "tradeoff_curve",
+    "train_one_epoch",
 ]

@@ -176,7 +176,9 @@ def profile_traced(traced: TracedModel) -> FlopProfile:
         if seg == 0 and candidates:
             # No MAC-bearing op since the previous cut point: one candidate, the later one.
             candidates.pop()
-        if cumulative == 0:
+        if cumulative == 0 or cumulative >= total:
+            # Before any MAC, or with none left after it (past the model's own classifier):
+            # an exit there costs what the final exit does.
             continue
         candidates.append(
             Candidate(cut.name, cut.shape, cut.channel_axis, cumulative, cumulative / total)

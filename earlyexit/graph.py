@@ -3,8 +3,14 @@
 A *cut point* is a node of the traced graph after which the node's own output is the only value
 that later nodes still need; values that do not depend on the input (parameters, buffers,
 constants and whatever is computed from them alone) don't count, since any stage can rebuild
-them. Splitting the graph at cut points gives stages with one input and one output each, which
-share the original model's parameters.
+them. Neither do sizes read from a feature (`B, C, H, W = x.shape`) nor values computed from
+sizes alone (`cls_token.expand(B, -1, -1)`, a position embedding for the token grid): a later
+stage that needs one recomputes it, with the batch size of its own input, since early-exit
+inference hands later stages fewer samples. Splitting the graph at cut points gives stages with
+one input and one output each, which share the original model's parameters.
+
+A model whose forward returns a tuple (auxiliary logits in train mode, GoogLeNet's namedtuple)
+is traced as returning its first element, and what only fed the rest is pruned.
 
 Nodes are named by their dotted qualified path (`layer1.0`, `stages.2.blocks.0.add`), never by
 raw FX names: the outermost module whose output a node is gives it its name, otherwise the
@@ -16,14 +22,14 @@ from __future__ import annotations
 import inspect
 import re
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from earlyexit.errors import TraceError
 
@@ -173,13 +179,50 @@ def _drop_specialised_placeholders(graph: fx.Graph, model_name: str) -> None:
         graph.erase_node(node)
 
 
-def _keep_first_output(graph: fx.Graph) -> None:
-    """Make a graph that returns a tuple (e.g. logits and auxiliary logits) return the logits."""
+def _keep_first_output(graph: fx.Graph) -> bool:
+    """Make a graph that returns a tuple (e.g. logits and auxiliary logits) return the logits.
+
+    Returns:
+        Whether the graph changed.
+    """
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    value = output.args[0]
-    if isinstance(value, (tuple, list)):
-        output.args = (value[0],)
-        graph.eliminate_dead_code()
+    value = first = output.args[0]
+    while True:
+        if isinstance(first, (tuple, list)) and first:
+            first = first[0]
+        elif (
+            isinstance(first, fx.Node)
+            and first.op == "call_function"
+            and isinstance(first.target, type)
+            and issubclass(first.target, tuple)
+            and (first.args or first.kwargs)
+        ):
+            # A namedtuple built in the graph, e.g. torchvision's `GoogLeNetOutputs`.
+            fields = getattr(first.target, "_fields", ())
+            first = first.args[0] if first.args else first.kwargs.get(fields[0] if fields else "")
+        else:
+            break
+    if first is value:
+        return False
+    output.args = (first,)
+    return True
+
+
+def _eliminate_dead_code(gm: fx.GraphModule) -> None:
+    """Remove the nodes whose values are unused (the auxiliary heads, once the output is cut).
+
+    Unlike `fx.Graph.eliminate_dead_code`, in-place calls stay: `t.div_(p)` is unused as a
+    value but changes `t`.
+    """
+    for node in reversed(list(gm.graph.nodes)):
+        if node.users or node.op in ("placeholder", "output", "get_attr"):
+            continue
+        if node.op == "call_module":
+            if getattr(gm.get_submodule(str(node.target)), "inplace", False):
+                continue
+        elif _has_effect(node):
+            continue
+        gm.graph.erase_node(node)
 
 
 def _trace_one(model: nn.Module, training: bool) -> tuple[fx.GraphModule, dict[str, fx.Node]]:
@@ -198,8 +241,10 @@ def _trace_one(model: nn.Module, training: bool) -> tuple[fx.GraphModule, dict[s
                 "`register_notrace_module`, or simplify its forward."
             ) from err
     _drop_specialised_placeholders(graph, name)
-    _keep_first_output(graph)
     gm = fx.GraphModule(tracer.root, graph, class_name=f"Traced{name}")
+    if _keep_first_output(gm.graph):
+        _eliminate_dead_code(gm)
+        gm.recompile()
     gm.training = training
     names = _qualified_names(gm.graph, tracer)
     by_name = {q: n for n, q in names.items()}
@@ -216,29 +261,247 @@ def _input_dependent(graph: fx.Graph) -> set[fx.Node]:
     return dependent
 
 
-def _cut_nodes(graph: fx.Graph) -> list[fx.Node]:
-    """Input-dependent nodes after which only their own output is still needed."""
-    nodes = list(graph.nodes)
-    index = {n: i for i, n in enumerate(nodes)}
-    dependent = _input_dependent(graph)
-    live = [0] * (len(nodes) + 1)
-    for node in dependent:
-        if not node.users:
+# Reading these from a feature gives a value that a later stage can rebuild from its own input.
+_SIZE_ATTRS = frozenset({"shape", "ndim", "device", "dtype"})
+_SIZE_METHODS = frozenset({"size", "dim", "ndimension", "numel"})
+_RANDOM = frozenset(
+    {
+        "rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like",
+        "bernoulli", "bernoulli_", "normal", "normal_", "uniform_", "exponential_",
+        "geometric_", "cauchy_", "log_normal_", "random_", "multinomial", "poisson",
+        "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+        "feature_alpha_dropout", "native_dropout",
+    }
+)  # fmt: skip
+# `x += y` and `x[i] = y` trace to these; they change their first argument.
+_INPLACE_OPERATORS = frozenset(
+    {
+        "iadd", "isub", "imul", "imatmul", "itruediv", "ifloordiv", "imod", "ipow",
+        "iand", "ior", "ixor", "ilshift", "irshift", "setitem", "delitem",
+    }
+)  # fmt: skip
+
+
+def _is_size_source(node: fx.Node) -> bool:
+    """`x.shape`, `x.size(1)`, `x.ndim`, `x.device`, ...: metadata of a tensor, not its data."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in _SIZE_ATTRS
+    return node.op == "call_method" and node.target in _SIZE_METHODS
+
+
+def _has_effect(node: fx.Node) -> bool:
+    """Whether a call may do something besides returning a value (an assert, an in-place op)."""
+    if node.target in fx.node._side_effectful_functions:
+        return True
+    if node.kwargs.get("inplace") is True:
+        return True  # `F.relu(t, inplace=True)`
+    name = getattr(node.target, "__name__", str(node.target))
+    return (
+        "assert" in name
+        or name in _INPLACE_OPERATORS
+        or (name.endswith("_") and not name.endswith("__"))
+    )
+
+
+def _is_random(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), nn.modules.dropout._DropoutNd)
+    return getattr(node.target, "__name__", str(node.target)) in _RANDOM
+
+
+def _size_derived(gm: fx.GraphModule, dependent: set[fx.Node]) -> set[fx.Node]:
+    """Input-dependent nodes that depend on the input only through sizes (shape arithmetic,
+    `cls_token.expand(x.shape[0], -1, -1)`, position embeddings for the input's grid).
+
+    A later stage recomputes them instead of receiving them, so they do not hide cut points;
+    the batch size they use is then the later stage's own (which early-exit inference shrinks).
+    """
+    derived: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node not in dependent or node.op in ("placeholder", "output"):
             continue
-        last = max(index[u] for u in node.users)
+        if _is_size_source(node):
+            derived.add(node)
+            continue
+        inputs = [a for a in node.all_input_nodes if a in dependent]
+        if inputs and all(a in derived for a in inputs) and not _is_random(node, gm):
+            derived.add(node)
+    return derived
+
+
+def _cut_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Input-dependent nodes after which only their own output is still needed.
+
+    Values computed from the input's size alone don't count: later stages rebuild them.
+    """
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    dependent = _input_dependent(gm.graph)
+    live_values = dependent - _size_derived(gm, dependent)
+    live = [0] * (len(nodes) + 1)
+    for node in live_values:
+        # Reading a feature's size later does not keep the feature alive: it can be rebuilt.
+        uses = [index[u] for u in node.users if not _is_size_source(u)]
+        if not uses:
+            continue
         live[index[node]] += 1
-        live[last] -= 1
+        live[max(uses)] -= 1
     cuts, count = [], 0
     for i, node in enumerate(nodes):
         count += live[i]
         if (
             count == 1
-            and node in dependent
-            and node.users
+            and node in live_values
+            and any(not _is_size_source(u) for u in node.users)
             and node.op not in ("placeholder", "output")
         ):
             cuts.append(node)
     return cuts
+
+
+def _crossing_sources(gm: fx.GraphModule, cuts: list[fx.Node]) -> set[fx.Node]:
+    """The size sources whose values some later stage needs when split at every cut point."""
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    dependent = _input_dependent(gm.graph)
+    derived = _size_derived(gm, dependent)
+    cut_index = sorted(index[c] for c in cuts)
+
+    def crosses(start: int, end: int) -> bool:
+        return any(start <= c < end for c in cut_index)
+
+    crossing = [
+        node
+        for node in derived
+        if any(crosses(index[node], index[u]) for u in node.users)
+        or (_is_size_source(node) and crosses(index[node.args[0]], index[node]))
+    ]
+    sources: set[fx.Node] = set()
+    seen: set[fx.Node] = set()
+    while crossing:
+        node = crossing.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if _is_size_source(node):
+            sources.add(node)
+        else:
+            crossing.extend(a for a in node.all_input_nodes if a in derived)
+    return sources
+
+
+class _Recorder(fx.Interpreter):
+    """Run a graph and record each tensor's metadata and the values that size sources read."""
+
+    def __init__(self, gm: fx.GraphModule, key: str, tensors: bool) -> None:
+        super().__init__(gm)
+        self.key = key
+        self.tensors = tensors
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            if self.tensors:
+                n.meta["tensor_meta"] = _extract_tensor_metadata(result)
+        elif _is_size_source(n):
+            n.meta[self.key] = result
+        return result
+
+
+def _record(gm: fx.GraphModule, example: torch.Tensor, key: str, tensors: bool) -> Any:
+    """Run `gm` in eval mode without gradients or RNG side effects, recording shapes."""
+    devices = [example.device] if example.device.type == "cuda" else []
+    with _mode(gm, False), torch.no_grad(), torch.random.fork_rng(devices=devices):
+        return _Recorder(gm, key, tensors).run(example)
+
+
+def _attach_size_specs(
+    gm: fx.GraphModule, example: Callable[[int], torch.Tensor], recorded: bool, model_name: str
+) -> None:
+    """Record how to rebuild each size source that a later stage may need (batch 2 vs. 3)."""
+    sources = _crossing_sources(gm, _cut_nodes(gm))
+    if not sources:
+        return
+    # Running the train-mode graph may update buffers (batch norm with `training=True` baked
+    # in by the trace); the model must come out of tracing unchanged.
+    saved = [(b, b.detach().clone()) for b in gm.buffers()]
+    try:
+        if not recorded:
+            _record(gm, example(2), "size_value", tensors=False)
+        _record(gm, example(3), "size_value_b3", tensors=False)
+    except Exception as err:
+        mode = "train" if gm.training else "eval"
+        raise TraceError(
+            f"{model_name}'s {mode}-mode graph failed on a batch of 3 ({type(err).__name__}: "
+            f"{err}). Hint: the model must accept any batch size."
+        ) from err
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+    for node in sources:
+        node.meta["size_spec"] = _size_spec(
+            node.meta.get("size_value"), node.meta.get("size_value_b3")
+        )
+
+
+def _size_spec(small: Any, large: Any) -> tuple | None:
+    """How to rebuild a size source's value in another stage, from its values at batch 2 and 3.
+
+    Each integer is `k * batch + m`; a device comes from the stage input; a floating dtype too
+    (so that `net.half()` keeps working), any other dtype is a constant.
+    """
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if is_int(small) and is_int(large):
+        k = large - small
+        return ("int", k, small - 2 * k)
+    if (
+        isinstance(small, tuple)
+        and isinstance(large, tuple)
+        and len(small) == len(large)
+        and all(is_int(a) and is_int(b) for a, b in zip(small, large))
+    ):
+        return ("size", tuple((b - a, a - 2 * (b - a)) for a, b in zip(small, large)))
+    if isinstance(small, torch.device):
+        return ("device",)
+    if isinstance(small, torch.dtype):
+        return ("dtype", small)
+    return None
+
+
+def _rebuilt_size(x: torch.Tensor, dims: tuple[tuple[int, int], ...]) -> torch.Size:
+    """A size read in an earlier stage, rebuilt from this stage's batch size."""
+    batch = x.shape[0]
+    return torch.Size(k * batch + m for k, m in dims)
+
+
+def _rebuilt_int(x: torch.Tensor, k: int, m: int) -> int:
+    """An integer read from a size in an earlier stage, rebuilt from this stage's batch size."""
+    return k * x.shape[0] + m
+
+
+def _rebuild(graph: fx.Graph, source: fx.Node, x: fx.Node) -> Any:
+    """The node (or constant) that gives `source`'s value in a stage whose input is `x`."""
+    spec = source.meta.get("size_spec")
+    name = source.meta.get("qualname", source.name)
+    if spec is None:
+        raise TraceError(
+            f"The size read at {name!r} is needed in a later stage but could not be rebuilt "
+            "there. Hint: choose other exit points from `earlyexit.profile(model).candidates`."
+        )
+    kind = spec[0]
+    if kind == "int" and spec[1] == 0:
+        return spec[2]
+    if kind == "int":
+        return graph.call_function(_rebuilt_int, (x, spec[1], spec[2]))
+    if kind == "size":
+        return graph.call_function(_rebuilt_size, (x, spec[1]))
+    if kind == "device" or (kind == "dtype" and spec[1].is_floating_point):
+        return graph.call_function(getattr, (x, kind))
+    return spec[1]
 
 
 _CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
@@ -312,6 +575,10 @@ def trace_model(model: nn.Module, input_size: tuple[int, ...]) -> TracedModel:
     The model is left exactly as it was: its modules' `training` flags are restored and
     no buffer is updated (shapes are propagated in eval mode under `torch.no_grad`).
 
+    Sizes read from a feature (`B, C, H, W = x.shape`) and values computed from them alone
+    don't hide cut points: a stage that needs one rebuilds it, taking the batch size from its
+    own input and every other dimension from the traced `input_size`.
+
     Args:
         model: a classifier whose forward takes one image batch and returns `(B, num_classes)`.
         input_size: `(C, H, W)` of one sample.
@@ -329,23 +596,27 @@ def trace_model(model: nn.Module, input_size: tuple[int, ...]) -> TracedModel:
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    example = torch.zeros(batch, *input_size, device=device, dtype=dtype)
-    with _mode(eval_gm, False), torch.no_grad():
-        try:
-            out = ShapeProp(eval_gm).propagate(example)
-        except Exception as err:
-            raise TraceError(
-                f"{name} failed on an input of shape {tuple(example.shape)} "
-                f"({type(err).__name__}: {err}). Hint: check `input_size` (C, H, W)."
-            ) from err
+
+    def example(n: int) -> torch.Tensor:
+        return torch.zeros(n, *input_size, device=device, dtype=dtype)
+
+    try:
+        out = _record(eval_gm, example(batch), "size_value", tensors=True)
+    except Exception as err:
+        raise TraceError(
+            f"{name} failed on an input of shape {(batch, *input_size)} "
+            f"({type(err).__name__}: {err}). Hint: check `input_size` (C, H, W)."
+        ) from err
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != batch:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise TraceError(
             f"{name} is not a classifier: its output is {got}, expected (B, num_classes). "
             "Hint: convert a model whose forward returns class logits."
         )
+    for gm in (eval_gm, train_gm):
+        _attach_size_specs(gm, example, recorded=gm is eval_gm, model_name=name)
     cut_points = []
-    for node in _cut_nodes(eval_gm.graph):
+    for node in _cut_nodes(eval_gm):
         meta = node.meta.get("tensor_meta")
         shape = getattr(meta, "shape", None)
         if (
@@ -390,7 +661,7 @@ def split_stages(gm: fx.GraphModule, names: list[str]) -> list[fx.GraphModule]:
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     cuts = [_find(graph, name) for name in names]
-    valid = set(_cut_nodes(graph))
+    valid = set(_cut_nodes(gm))
     for name, node in zip(names, cuts):
         if node not in valid:
             raise TraceError(
@@ -400,32 +671,59 @@ def split_stages(gm: fx.GraphModule, names: list[str]) -> list[fx.GraphModule]:
             )
     bounds = [index[c] for c in cuts]
     if bounds != sorted(set(bounds)):
-        raise TraceError(f"Cut points {names} are not in execution order or repeat.")
+        raise TraceError(
+            f"Cut points {names} are not in execution order or repeat. Hint: list them in the "
+            "order of `earlyexit.profile(model).candidates`, each once."
+        )
     dependent = _input_dependent(graph)
+    derived = _size_derived(gm, dependent)
     starts = [0, *(b + 1 for b in bounds)]
     ends = [*(b + 1 for b in bounds), len(nodes)]
     stages = []
     for s, (start, end) in enumerate(zip(starts, ends)):
         new = fx.Graph()
-        env: dict[fx.Node, fx.Node] = {}
+        env: dict[fx.Node, Any] = {}
+        rebuilt: list[fx.Node] = []
+        x = new.placeholder("x") if s > 0 else None
         if s > 0:
-            env[cuts[s - 1]] = new.placeholder("x")
+            env[cuts[s - 1]] = x
 
-        def lookup(n: fx.Node, new=new, env=env) -> fx.Node:
+        def lookup(n: fx.Node, new=new, env=env, x=x, rebuilt=rebuilt, s=s) -> Any:
             if n not in env:
-                if n in dependent:
-                    raise TraceError(f"Stage split leaks {n.meta.get('qualname', n.name)}.")
-                # Input-independent values are rebuilt in each stage that needs them.
-                env[n] = new.node_copy(n, lookup)
+                if n in derived:
+                    # A size (or a value computed from sizes) from an earlier stage.
+                    if _is_size_source(n):
+                        env[n] = _rebuild(new, n, x)
+                    else:
+                        env[n] = new.node_copy(n, lookup)
+                    if isinstance(env[n], fx.Node):
+                        rebuilt.append(env[n])
+                elif n in dependent:
+                    raise TraceError(
+                        f"Stage {s} needs {n.meta.get('qualname', n.name)!r} from an earlier "
+                        "stage besides its input. Hint: choose exit points from "
+                        "`earlyexit.profile(model).candidates`."
+                    )
+                else:
+                    # Input-independent values are rebuilt in each stage that needs them.
+                    env[n] = new.node_copy(n, lookup)
             return env[n]
 
         for node in nodes[start:end]:
             if node.op == "output":
                 new.output(fx.map_arg(node.args[0], lookup))
+            elif node in derived and _is_size_source(node) and node.args[0] not in env:
+                env[node] = _rebuild(new, node, x)
             elif node in dependent:
                 env[node] = new.node_copy(node, lookup)
+                if node in derived:
+                    rebuilt.append(env[node])
         if s < len(cuts):
             new.output(env[cuts[s]])
+        # Sizes read here only for a later stage (which rebuilds them) are dead weight.
+        for n in reversed(rebuilt):
+            if not n.users and n.op in ("call_function", "call_method") and not _has_effect(n):
+                new.erase_node(n)
         stage = fx.GraphModule(gm, new, class_name=f"Stage{s}")
         stage.training = gm.training
         stages.append(stage)

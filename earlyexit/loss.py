@@ -51,7 +51,7 @@ versions: tuple[str, ...] = ("v2+ce", "v2", "v1", "mc", "cost")
 DEFAULT_VERSION: LossVersion = "v2+ce"
 
 #: The weight w of the per-exit cross-entropy term of `"v2+ce"` when none is given.
-DEFAULT_EXIT_CE_WEIGHT: float = 1.0
+DEFAULT_EXIT_CE_WEIGHT: float = 0.5
 
 
 def _check_version(version: object) -> None:
@@ -357,14 +357,14 @@ class EENetLoss(nn.Module):
         >>> from earlyexit.loss import EENetLoss
         >>> criterion = EENetLoss(lam=1.0)
         >>> criterion
-        EENetLoss(lam=1.0, version='v2+ce', exit_ce_weight=1.0)
+        EENetLoss(lam=1.0, version='v2+ce', exit_ce_weight=0.5)
         >>> outputs = ExitOutputs(
         ...     logits=[torch.zeros(4, 3), torch.zeros(4, 3)],
         ...     confidence_logits=[torch.zeros(4)],
         ...     costs=torch.tensor([0.5, 1.0]),
         ... )
         >>> round(criterion(outputs, torch.tensor([0, 1, 2, 0])).item(), 4)
-        6.1444
+        5.0458
     """
 
     versions: tuple[str, ...] = versions

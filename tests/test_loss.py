@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 
 import earlyexit.loss
 from earlyexit import ExitOutputs
-from earlyexit.loss import DEFAULT_VERSION, EENetLoss, eenet_loss, versions
+from earlyexit.loss import (
+    DEFAULT_EXIT_CE_WEIGHT,
+    DEFAULT_VERSION,
+    EENetLoss,
+    eenet_loss,
+    versions,
+)
 
 PAPER_VERSIONS = ["v2", "v1", "mc", "cost"]
 
@@ -122,7 +128,7 @@ def test_default_is_v2_plus_the_per_exit_cross_entropy():
     target = make_target(5, 4, 3)
     v2 = eenet_loss(outputs, target, lam=0.7, version="v2")
     for weight in [None, 0.0, 0.25, 1.0, 3.0]:
-        w = 1.0 if weight is None else weight
+        w = DEFAULT_EXIT_CE_WEIGHT if weight is None else weight
         actual = eenet_loss(outputs, target, lam=0.7, version="v2+ce", exit_ce_weight=weight)
         torch.testing.assert_close(actual, v2 + w * exit_ce(outputs, target))
     torch.testing.assert_close(
@@ -196,7 +202,9 @@ def test_label_smoothing_matches_pytorch_for_the_exit_term():
     difference = eenet_loss(outputs, target, version="v2+ce", **base) - eenet_loss(
         outputs, target, version="v2", **base
     )
-    torch.testing.assert_close(difference, exit_ce(outputs, target, label_smoothing=0.15))
+    torch.testing.assert_close(
+        difference, DEFAULT_EXIT_CE_WEIGHT * exit_ce(outputs, target, label_smoothing=0.15)
+    )
 
 
 def test_integer_targets_of_any_width():

@@ -1,0 +1,428 @@
+"""The threshold ↔ cost/accuracy trade-off, and picking a threshold that meets a budget.
+
+One pass over the data runs `forward_all` once per batch and keeps, per sample, each early exit's
+confidence h_i = sigmoid(a_i) (in float32, as inference computes it) and whether each exit's
+classifier is right. Every threshold is then evaluated from that cache with inference's own rule:
+a sample leaves at the first exit with h_i ≥ T (`earlyexit.inference.exit_mask`).
+
+As T grows, a sample's exit only moves later: it leaves at exit i for T in (max(h_0..h_{i-1}),
+h_i] when h_i is a new running maximum, and at the final exit above max(h). So a whole curve,
+even over every observed confidence value, is one sort and a few prefix sums.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from earlyexit.inference import check_threshold
+from earlyexit.model import EarlyExitNet
+
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "NEVER",
+    "TradeoffCurve",
+    "calibrate",
+    "plot_tradeoff",
+    "tradeoff_curve",
+]
+
+NEVER = 2.0
+"""A threshold above 1: no sample leaves early (h_i is at most 1)."""
+
+DEFAULT_THRESHOLDS: tuple[float, ...] = (*(round(0.05 * k, 2) for k in range(21)), NEVER)
+"""0, 0.05, ..., 0.95, 1.0 and `NEVER`; includes the paper's T = 0.5."""
+
+PAPER_THRESHOLD = 0.5
+
+
+@dataclass
+class TradeoffCurve:
+    """Accuracy, mean cost and where samples leave, for each of a list of thresholds.
+
+    Attributes:
+        thresholds: the T values, in the order asked for.
+        accuracy: per threshold, the accuracy of early-exit inference.
+        mean_cost: per threshold, the mean relative cost per sample (1.0 = the original model).
+        exit_counts: per threshold, how many samples leave at each of the N+1 exits.
+        exit_accuracy: the N+1 accuracies of each exit's own classifier on every sample; the
+            last is the original model's (no early exits).
+        exit_costs: the N+1 relative costs c_0 < ... < c_N.
+        num_samples: the number of samples the curve was measured on.
+    """
+
+    thresholds: list[float]
+    accuracy: list[float]
+    mean_cost: list[float]
+    exit_counts: list[list[int]]
+    exit_accuracy: list[float]
+    exit_costs: list[float]
+    num_samples: int
+
+    @property
+    def reference_accuracy(self) -> float:
+        """The accuracy without early exits (the final exit on every sample)."""
+        return self.exit_accuracy[-1]
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One JSON-ready dict per threshold.
+
+        Returns:
+            Dicts with `threshold`, `accuracy`, `mean_cost`, `speedup` (c_N / mean cost) and
+            `exit_counts`.
+        """
+        c_n = self.exit_costs[-1]
+        return [
+            {
+                "threshold": t,
+                "accuracy": a,
+                "mean_cost": c,
+                "speedup": c_n / c if c > 0 else math.inf,
+                "exit_counts": list(n),
+            }
+            for t, a, c, n in zip(
+                self.thresholds, self.accuracy, self.mean_cost, self.exit_counts, strict=True
+            )
+        ]
+
+    def __str__(self) -> str:
+        n_exits = len(self.exit_costs)
+        header = f"{'T':>6} {'accuracy':>9} {'cost':>7} {'speedup':>8}  share leaving at exit 0..N"
+        lines = [header]
+        for row in self.to_rows():
+            t = row["threshold"]
+            label = "never" if t > 1 else f"{t:.3f}".rstrip("0").rstrip(".") or "0"
+            shares = " ".join(
+                f"{100 * k / max(self.num_samples, 1):5.1f}" for k in row["exit_counts"]
+            )
+            lines.append(
+                f"{label:>6} {100 * row['accuracy']:8.2f}% {row['mean_cost']:7.4f} "
+                f"{row['speedup']:7.2f}x  {shares}"
+            )
+        per_exit = " ".join(f"{100 * a:.1f}" for a in self.exit_accuracy)
+        costs = " ".join(f"{c:.3f}" for c in self.exit_costs)
+        lines.append(f"{self.num_samples} samples, {n_exits} exits; exit costs: {costs}")
+        lines.append(f"each exit's own accuracy (%): {per_exit}")
+        return "\n".join(lines)
+
+
+@dataclass
+class _Cache:
+    confidence: np.ndarray  # (S, N) float32: h_i per sample and early exit
+    correct: np.ndarray  # (S, N+1) bool: whether exit i's classifier is right
+    costs: np.ndarray  # (N+1,) float64
+
+
+def tradeoff_curve(
+    net: EarlyExitNet,
+    loader: Iterable[Any],
+    thresholds: Sequence[float] | None = None,
+    *,
+    progress: bool = True,
+) -> TradeoffCurve:
+    """Measure accuracy, mean cost and the exit histogram per threshold, from one pass.
+
+    The net runs in eval mode under `torch.no_grad` (its mode is restored afterwards).
+
+    Args:
+        net: the early-exit network.
+        loader: yields `(x, y)` batches: inputs of shape `(B, *net.input_size)` and class
+            indices of shape `(B,)`. A `DataLoader` or any re-iterable of pairs.
+        thresholds: the T values; `DEFAULT_THRESHOLDS` (0 to 1 by 0.05, and never) when None.
+        progress: show a progress bar over the batches.
+
+    Returns:
+        The `TradeoffCurve`.
+
+    Raises:
+        TypeError: when `net` is not an `EarlyExitNet` or a batch is not an `(x, y)` pair.
+        ValueError: for negative thresholds, an empty loader, or inputs whose shape is not
+            `net.input_size` (the costs hold at that size only).
+
+    Example:
+        >>> import timm, torch, earlyexit
+        >>> from earlyexit.calibrate import tradeoff_curve
+        >>> net = earlyexit.convert(timm.create_model("resnet20"), n_exits=2)
+        >>> data = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))]
+        >>> curve = tradeoff_curve(net, data, thresholds=[0.0, 0.5, 2.0], progress=False)
+        >>> curve.exit_counts[0], curve.exit_counts[-1]
+        ([8, 0, 0], [0, 0, 8])
+    """
+    values = list(DEFAULT_THRESHOLDS if thresholds is None else thresholds)
+    values = [check_threshold(t) for t in values]
+    if not values:
+        raise ValueError("Expected at least one threshold, got an empty list.")
+    cache = _collect(net, loader, progress)
+    accuracy, mean_cost, counts = _sweep(cache, np.asarray(values, dtype=np.float32))
+    return TradeoffCurve(
+        thresholds=values,
+        accuracy=accuracy.tolist(),
+        mean_cost=mean_cost.tolist(),
+        exit_counts=counts.tolist(),
+        exit_accuracy=cache.correct.mean(axis=0, dtype=np.float64).tolist(),
+        exit_costs=cache.costs.tolist(),
+        num_samples=int(cache.correct.shape[0]),
+    )
+
+
+def calibrate(
+    net: EarlyExitNet,
+    loader: Iterable[Any],
+    target_cost: float | None = None,
+    max_accuracy_drop: float | None = None,
+    *,
+    progress: bool = True,
+) -> float:
+    """Pick the threshold that meets a budget on the given data, and set it on the net.
+
+    Give exactly one budget. With `target_cost`, the threshold with the highest accuracy whose
+    mean cost is at most the target; with `max_accuracy_drop`, the one with the lowest mean cost
+    whose accuracy is at most that much below the accuracy without early exits. Every distinct
+    behaviour on the data is considered (each observed confidence value is a candidate). The
+    value returned lies midway between the confidence that decides it and the next lower one,
+    so it behaves the same on this data and keeps a margin for new data.
+
+    Args:
+        net: the early-exit network; its `threshold` is set to the result.
+        loader: yields `(x, y)` batches, as for `tradeoff_curve`; use held-out data.
+        target_cost: the largest mean relative cost allowed, in `[c_0, c_N]` (`net.exit_costs`).
+        max_accuracy_drop: the largest accuracy loss allowed as a fraction (0.01 = one
+            percentage point below the no-early-exit accuracy), in `[0, 1]`.
+        progress: show a progress bar over the batches.
+
+    Returns:
+        The threshold T now set as `net.threshold`.
+
+    Raises:
+        TypeError: when `net` is not an `EarlyExitNet` or a batch is not an `(x, y)` pair.
+        ValueError: when neither or both budgets are given, a budget is out of range, the
+            loader is empty or its inputs do not have the shape `net.input_size`. The net's
+            threshold is then left as it was.
+
+    Example:
+        >>> import timm, torch, earlyexit
+        >>> from earlyexit.calibrate import calibrate
+        >>> net = earlyexit.convert(timm.create_model("resnet20"), n_exits=2)
+        >>> data = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))]
+        >>> t = calibrate(net, data, max_accuracy_drop=0.0, progress=False)
+        >>> t == net.threshold
+        True
+    """
+    _check_net(net)
+    if (target_cost is None) == (max_accuracy_drop is None):
+        raise ValueError(
+            "Expected exactly one of `target_cost` and `max_accuracy_drop`, got "
+            f"target_cost={target_cost!r}, max_accuracy_drop={max_accuracy_drop!r}."
+        )
+    costs = net.exit_costs.tolist()
+    if target_cost is not None:
+        target_cost = _check_real(target_cost, "target_cost")
+        if not costs[0] <= target_cost <= costs[-1]:
+            raise ValueError(
+                f"Expected `target_cost` in [{costs[0]:.4f}, {costs[-1]:.4f}] (the costs of "
+                f"exit 0 and of the final exit), got {target_cost!r}. Hint: no threshold costs "
+                "less than exit 0; every threshold meets a target of c_N or more, and T > 1 "
+                "turns early exits off."
+            )
+    if max_accuracy_drop is not None:
+        max_accuracy_drop = _check_real(max_accuracy_drop, "max_accuracy_drop")
+        if not 0 <= max_accuracy_drop <= 1:
+            raise ValueError(
+                f"Expected `max_accuracy_drop` to be a fraction in [0, 1], got "
+                f"{max_accuracy_drop!r}. Hint: 0.01 allows one percentage point less accuracy."
+            )
+    cache = _collect(net, loader, progress)
+    observed = cache.confidence[cache.confidence >= 0]
+    candidates = np.unique(np.concatenate([observed, np.array([0.0, NEVER], np.float32)]))
+    accuracy, mean_cost, _ = _sweep(cache, candidates)
+    tol = 1e-9
+    if target_cost is not None:
+        feasible = mean_cost <= target_cost + tol
+        # Highest accuracy, then lowest cost, then the highest threshold.
+        keys = (candidates, -mean_cost, accuracy)
+    else:
+        reference = float(cache.correct[:, -1].mean(dtype=np.float64))
+        feasible = accuracy >= reference - max_accuracy_drop - tol
+        # Lowest cost, then highest accuracy, then the highest threshold.
+        keys = (candidates, accuracy, -mean_cost)
+    order = np.lexsort(keys)
+    best = next(int(k) for k in order[::-1] if feasible[k])
+    threshold = _robust_threshold(candidates, best)
+    net.threshold = threshold
+    return threshold
+
+
+def plot_tradeoff(curve: TradeoffCurve, ax: Any = None, path: str | None = None) -> Any:
+    """Plot accuracy against mean cost, one point per threshold, the paper's T = 0.5 marked.
+
+    Needs matplotlib (`pip install earlyexit[plot]`).
+
+    Args:
+        curve: from `tradeoff_curve`.
+        ax: a matplotlib `Axes` to draw on; a new figure when None.
+        path: where to save the figure (any format matplotlib knows), when given.
+
+    Returns:
+        The `Axes`.
+
+    Raises:
+        ImportError: when matplotlib is not installed.
+
+    Example:
+        >>> from earlyexit.calibrate import TradeoffCurve, plot_tradeoff
+        >>> curve = TradeoffCurve([0.5, 2.0], [0.8, 0.9], [0.5, 1.0], [[5, 5], [0, 10]],
+        ...                       [0.7, 0.9], [0.4, 1.0], 10)
+        >>> ax = plot_tradeoff(curve)
+        >>> ax.get_xlabel()
+        'mean cost (fraction of the original MACs)'
+    """
+    try:
+        import matplotlib
+
+        if ax is None and path is not None:
+            from matplotlib.figure import Figure
+
+            ax = Figure(figsize=(5, 3.5), layout="constrained").subplots()
+        elif ax is None:
+            import matplotlib.pyplot as plt
+
+            _, ax = plt.subplots(figsize=(5, 3.5), layout="constrained")
+    except ImportError as err:
+        raise ImportError(
+            "plot_tradeoff needs matplotlib. Hint: `pip install earlyexit[plot]`."
+        ) from err
+    del matplotlib
+    points = sorted(zip(curve.mean_cost, curve.accuracy, curve.thresholds, strict=True))
+    ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o-", ms=3, label="threshold T")
+    ax.axhline(100 * curve.reference_accuracy, color="gray", ls="--", lw=0.8, label="no early exit")
+    for cost, acc, t in points:
+        if t == PAPER_THRESHOLD:
+            ax.plot([cost], [100 * acc], "r*", ms=12, label="T = 0.5 (paper)")
+    ax.set_xlabel("mean cost (fraction of the original MACs)")
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(loc="lower right", fontsize="small")
+    if path is not None:
+        ax.figure.savefig(path, dpi=150)
+    return ax
+
+
+def _check_net(net: object) -> None:
+    if not isinstance(net, EarlyExitNet):
+        raise TypeError(f"Expected `net` to be an EarlyExitNet, got {type(net).__name__}.")
+
+
+def _check_real(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"Expected `{name}` to be a real number, got {value!r}.")
+    return float(value)
+
+
+def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise TypeError(
+            f"Expected the loader to yield (x, y) pairs, got {type(batch).__name__}. Hint: "
+            "wrap it, e.g. `((b['image'], b['label']) for b in loader)` as a list or generator."
+        )
+    x, y = batch[0], batch[1]
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"Expected the inputs `x` to be a tensor, got {type(x).__name__}.")
+    return x, torch.as_tensor(y)
+
+
+def _collect(net: EarlyExitNet, loader: Iterable[Any], progress: bool) -> _Cache:
+    """One eval-mode pass: each early exit's confidence and each exit's correctness."""
+    from tqdm.auto import tqdm
+
+    _check_net(net)
+    param = next(iter(net.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    expected = tuple(net.input_size)
+    confidence: list[torch.Tensor] = []
+    correct: list[torch.Tensor] = []
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            for batch in tqdm(loader, desc="calibrating", disable=not progress, leave=False):
+                x, y = _unpack(batch)
+                if expected and tuple(x.shape[1:]) != expected:
+                    raise ValueError(
+                        f"Expected input batches of shape (B, {', '.join(map(str, expected))}), "
+                        f"got {tuple(x.shape)}. Hint: the exit costs hold at the size the "
+                        "model was converted at (`net.input_size`); resize the data."
+                    )
+                if y.shape != (x.shape[0],):
+                    raise ValueError(
+                        f"Expected targets of shape ({x.shape[0]},) (class indices), got "
+                        f"{tuple(y.shape)}."
+                    )
+                out = net.forward_all(x.to(device, non_blocking=True))
+                h = torch.stack([torch.sigmoid(a.float()) for a in out.confidence_logits], 1)
+                pred = torch.stack([z.argmax(1) for z in out.logits], 1)
+                confidence.append(h.cpu())
+                correct.append((pred == y.to(pred.device).view(-1, 1)).cpu())
+    finally:
+        net.train(was_training)
+    if not confidence:
+        raise ValueError("The loader yielded no batches. Hint: pass a non-empty dataset.")
+    # A NaN confidence never passes `h >= T`; neither does -inf, which sorts properly.
+    return _Cache(
+        confidence=_nan_to_minus_inf(torch.cat(confidence)).numpy(),
+        correct=torch.cat(correct).numpy(),
+        costs=net.exit_costs.detach().cpu().double().numpy(),
+    )
+
+
+def _nan_to_minus_inf(t: torch.Tensor) -> torch.Tensor:
+    return torch.where(t.isnan(), torch.full_like(t, -math.inf), t)
+
+
+def _sweep(cache: _Cache, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Accuracy, mean cost and exit counts at each threshold (float32 values, any order).
+
+    Each sample adds its exit-i outcome to the thresholds in (max(h_0..h_{i-1}), h_i], which
+    are a contiguous range of the sorted thresholds: difference arrays, then prefix sums.
+    """
+    conf, correct = cache.confidence, cache.correct
+    samples, n_exits = conf.shape
+    # Compared in float32, as `exit_mask` does; every T above 1 behaves as `NEVER`.
+    clipped = np.clip(np.asarray(thresholds, np.float64), 0.0, NEVER).astype(np.float32)
+    unique, inverse = np.unique(clipped, return_inverse=True)
+    # Lower ends: the running maximum of the earlier exits' confidences (-inf before exit 0).
+    running = np.maximum.accumulate(conf, axis=1)
+    lower = np.concatenate([np.full((samples, 1), -np.inf, np.float32), running], axis=1)
+    upper = np.concatenate([conf, np.full((samples, 1), np.inf, np.float32)], axis=1)
+    lo = np.searchsorted(unique, lower, side="right")
+    hi = np.searchsorted(unique, upper, side="right")
+    k = len(unique)
+    counts = np.zeros((k + 1, n_exits + 1), np.int64)
+    hits = np.zeros(k + 1, np.int64)
+    exits = np.broadcast_to(np.arange(n_exits + 1), lo.shape)
+    live = lo < hi
+    np.add.at(counts, (lo[live], exits[live]), 1)
+    np.add.at(counts, (hi[live], exits[live]), -1)
+    right = live & correct
+    np.add.at(hits, lo[right], 1)
+    np.add.at(hits, hi[right], -1)
+    counts = np.cumsum(counts, axis=0)[:k][inverse]
+    hits = np.cumsum(hits)[:k][inverse]
+    accuracy = hits / samples
+    mean_cost = counts @ cache.costs / samples
+    return accuracy, mean_cost, counts
+
+
+def _robust_threshold(candidates: np.ndarray, k: int) -> float:
+    """A T that behaves like `candidates[k]` on the data, midway to the next lower candidate."""
+    value = float(candidates[k])
+    if k == 0 or value > 1:
+        return value
+    below = float(candidates[k - 1])
+    mid = (below + value) / 2
+    if below < np.float32(mid) <= value:
+        return mid
+    return value

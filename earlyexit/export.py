@@ -1,0 +1,292 @@
+"""Exporting an early-exit network piece by piece: `torch.export` programs and ONNX files.
+
+Early-exit inference has data-dependent control flow (how many samples continue after each
+exit), which no single exported graph can hold. So each stage and each exit head is exported
+on its own, with a dynamic batch axis, and a small runner does the compaction between them,
+exactly as `EarlyExitNet.early_exit` does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from earlyexit.errors import EarlyExitError
+from earlyexit.inference import check_threshold, run_early_exit
+from earlyexit.model import EarlyExitNet
+from earlyexit.outputs import EarlyExitResult
+
+__all__ = ["ExportedEarlyExit", "export_onnx", "export_stages"]
+
+
+class ExportedEarlyExit:
+    """Early-exit inference from exported stages and heads.
+
+    Built by `export_stages`. Calling it runs the same compaction loop as
+    `EarlyExitNet.early_exit`, on the exported programs' modules.
+
+    Attributes:
+        stages: the N+1 `torch.export.ExportedProgram`s of the stages (eval mode).
+        heads: the N `ExportedProgram`s of the exit heads, each returning
+            `(class_logits, confidence_logit)`.
+        exit_costs: the N+1 relative costs.
+        threshold: the default T.
+        num_classes: the number of classes.
+        exit_names: the cut point after which each exit sits.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[torch.export.ExportedProgram],
+        heads: Sequence[torch.export.ExportedProgram],
+        exit_costs: torch.Tensor,
+        threshold: float,
+        num_classes: int,
+        exit_names: Sequence[str] = (),
+    ) -> None:
+        if len(stages) != len(heads) + 1:
+            raise ValueError(
+                f"Expected one more stage than heads, got {len(stages)} stages and "
+                f"{len(heads)} heads."
+            )
+        self.stages = list(stages)
+        self.heads = list(heads)
+        self.exit_costs = exit_costs.detach().clone()
+        self.threshold = check_threshold(threshold)
+        self.num_classes = int(num_classes)
+        self.exit_names = list(exit_names)
+        self._stage_modules = [ep.module() for ep in self.stages]
+        self._head_modules = [ep.module() for ep in self.heads]
+
+    @property
+    def num_exits(self) -> int:
+        """N, the number of early exits."""
+        return len(self.heads)
+
+    def __call__(self, x: torch.Tensor, threshold: float | None = None) -> EarlyExitResult:
+        """Early-exit inference, as `EarlyExitNet.early_exit`.
+
+        Args:
+            x: the input batch.
+            threshold: T for this call; `self.threshold` when None.
+
+        Returns:
+            `EarlyExitResult(logits, exit_index, cost)`.
+        """
+        t = self.threshold if threshold is None else check_threshold(threshold)
+        with torch.no_grad():
+            return run_early_exit(
+                self._stage_modules, self._head_modules, x, t, self.exit_costs, self.num_classes
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_exits={self.num_exits}, exit_names={self.exit_names}, "
+            f"threshold={self.threshold})"
+        )
+
+
+def _stage_inputs(net: EarlyExitNet, example: torch.Tensor) -> list[torch.Tensor]:
+    """The input of every stage, then the final output, for an example batch."""
+    feats, x = [], example
+    with torch.no_grad():
+        for stage in net.stages(training=False):
+            feats.append(x)
+            x = stage(x)
+    return feats
+
+
+def _example_batch(net: EarlyExitNet, example: torch.Tensor) -> torch.Tensor:
+    if not isinstance(example, torch.Tensor):
+        raise TypeError(f"Expected `example` to be a tensor, got {type(example).__name__}.")
+    if example.ndim < 2 or example.shape[0] < 1:
+        raise ValueError(
+            f"Expected `example` to be a batch (B, *input_size), got shape "
+            f"{tuple(example.shape)}. Hint: `torch.randn(2, *net.input_size)`."
+        )
+    if example.shape[0] < 2:
+        # A batch of one would make torch.export specialise the batch axis to 1.
+        example = example.expand(2, *example.shape[1:]).clone()
+    return example
+
+
+class _HeadOutputs(nn.Module):
+    """A head as a plain module returning a tuple: what exporters expect."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z, a = self.head(x)
+        return z, a
+
+
+def export_stages(net: EarlyExitNet, example: torch.Tensor) -> ExportedEarlyExit:
+    """Export each stage and exit head with `torch.export`, with a dynamic batch axis.
+
+    The eval-mode stages are exported (BatchNorm uses its running statistics). The net is
+    not changed.
+
+    Args:
+        net: the early-exit network.
+        example: an input batch (any batch size; its other axes fix the exported shapes).
+
+    Returns:
+        An `ExportedEarlyExit` whose call reproduces `net.early_exit`.
+
+    Raises:
+        EarlyExitError: when a stage or head cannot be exported.
+
+    Example:
+        >>> import timm, torch, earlyexit
+        >>> from earlyexit.export import export_stages
+        >>> net = earlyexit.convert(timm.create_model("resnet20"), n_exits=2).eval()
+        >>> runner = export_stages(net, torch.randn(2, 3, 32, 32))
+        >>> runner(torch.randn(5, 3, 32, 32)).exit_index.shape
+        torch.Size([5])
+    """
+    if not isinstance(net, EarlyExitNet):
+        raise TypeError(f"Expected `net` to be an EarlyExitNet, got {type(net).__name__}.")
+    example = _example_batch(net, example)
+    was_training = net.training
+    net.eval()
+    try:
+        inputs = _stage_inputs(net, example)
+        batch = torch.export.Dim("batch", min=1)
+        stages, heads = [], []
+        for i, stage in enumerate(net.stages(training=False)):
+            stages.append(_export(stage, inputs[i], batch, f"stage {i}"))
+            if i < net.num_exits:
+                feature = inputs[i + 1]
+                heads.append(_export(_HeadOutputs(net.heads[i]), feature, batch, f"head {i}"))
+    finally:
+        net.train(was_training)
+    return ExportedEarlyExit(
+        stages, heads, net.exit_costs, net.threshold, net.num_classes, net.exit_names
+    )
+
+
+def _export(
+    module: nn.Module, x: torch.Tensor, batch: Any, what: str
+) -> torch.export.ExportedProgram:
+    try:
+        return torch.export.export(module, (x,), dynamic_shapes=({0: batch},), strict=False)
+    except Exception as err:
+        raise EarlyExitError(
+            f"torch.export failed on {what} ({type(err).__name__}: {err}). Hint: the backbone "
+            "has an op torch.export cannot capture with a dynamic batch axis; try a fixed "
+            "batch with `torch.export` yourself, or ONNX."
+        ) from err
+
+
+def export_onnx(net: EarlyExitNet, directory: str | os.PathLike[str]) -> list[str]:
+    """Write each stage and exit head as an ONNX file, plus the exit metadata as JSON.
+
+    Writes `stage_{i}.onnx` (input `x`, output `y`), `head_{i}.onnx` (input `x`, outputs
+    `logits` and `confidence`) with a dynamic `batch` axis, and `earlyexit.json` with the
+    exit costs, threshold, number of classes and exit names. A runtime reproduces early-exit
+    inference by running stage i, then head i, and passing on only the samples with
+    sigmoid(confidence) < threshold. Uses the torch.export-based exporter when `onnxscript` is
+    installed and the TorchScript-based one otherwise.
+
+    Args:
+        net: the early-exit network (exported in eval mode, not changed).
+        directory: where to write; created if missing.
+
+    Returns:
+        The paths written.
+
+    Raises:
+        ImportError: when `onnx` is not installed (`pip install earlyexit[onnx]`).
+        EarlyExitError: when a piece cannot be exported.
+
+    Example:
+        >>> import os, tempfile, timm, earlyexit
+        >>> from earlyexit.export import export_onnx
+        >>> net = earlyexit.convert(timm.create_model("resnet20"), n_exits=2)
+        >>> sorted(os.path.basename(p) for p in export_onnx(net, tempfile.mkdtemp()))[:2]
+        ['earlyexit.json', 'head_0.onnx']
+    """
+    if importlib.util.find_spec("onnx") is None:
+        raise ImportError("export_onnx needs onnx. Hint: `pip install earlyexit[onnx]`.")
+    if not isinstance(net, EarlyExitNet):
+        raise TypeError(f"Expected `net` to be an EarlyExitNet, got {type(net).__name__}.")
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    dynamo = importlib.util.find_spec("onnxscript") is not None
+    param = next(iter(net.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    example = torch.zeros(2, *net.input_size, device=device)
+    paths = []
+    was_training = net.training
+    net.eval()
+    try:
+        inputs = _stage_inputs(net, example)
+        for i, stage in enumerate(net.stages(training=False)):
+            path = os.path.join(directory, f"stage_{i}.onnx")
+            _to_onnx(stage, inputs[i], path, ["y"], dynamo, f"stage {i}")
+            paths.append(path)
+            if i < net.num_exits:
+                path = os.path.join(directory, f"head_{i}.onnx")
+                head = _HeadOutputs(net.heads[i])
+                _to_onnx(head, inputs[i + 1], path, ["logits", "confidence"], dynamo, f"head {i}")
+                paths.append(path)
+    finally:
+        net.train(was_training)
+    meta = {
+        "num_exits": net.num_exits,
+        "num_classes": net.num_classes,
+        "input_size": list(net.input_size),
+        "exit_names": net.exit_names,
+        "exit_costs": [float(c) for c in net.exit_costs.tolist()],
+        "threshold": net.threshold,
+        "rule": "a sample leaves at exit i when sigmoid(confidence_i) >= threshold",
+    }
+    path = os.path.join(directory, "earlyexit.json")
+    with open(path, "w") as f:
+        json.dump(meta, f, indent=2)
+    paths.append(path)
+    return paths
+
+
+def _to_onnx(
+    module: nn.Module, x: torch.Tensor, path: str, outputs: list[str], dynamo: bool, what: str
+) -> None:
+    try:
+        if dynamo:
+            batch = torch.export.Dim("batch", min=1)
+            torch.onnx.export(
+                module,
+                (x,),
+                path,
+                input_names=["x"],
+                output_names=outputs,
+                dynamic_shapes=({0: batch},),
+                dynamo=True,
+            )
+        else:
+            axes = {name: {0: "batch"} for name in ["x", *outputs]}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    module,
+                    (x,),
+                    path,
+                    input_names=["x"],
+                    output_names=outputs,
+                    dynamic_axes=axes,
+                    dynamo=False,
+                )
+    except Exception as err:
+        raise EarlyExitError(
+            f"ONNX export failed on {what} ({type(err).__name__}: {err}). Hint: use "
+            "`export_stages` (torch.export), or simplify the backbone's unusual ops."
+        ) from err

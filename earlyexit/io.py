@@ -1,0 +1,411 @@
+"""Saving and loading early-exit networks as one `.safetensors` file.
+
+The file holds every weight of the net (`backbone.*` and `heads.*`, the keys of
+`net.state_dict()`) and, in the safetensors metadata, one JSON document under the key
+`earlyexit`: the format version, the library version, the resolved `EarlyExitConfig`, the
+backbone's timm architecture and constructor arguments, the exit layout, the MAC counts and
+costs, the threshold and a SHA-256 digest of the tensors. Loading never unpickles anything and
+never re-profiles the model: the MACs and costs come from the file, and only the cheap tracing
+that splits the backbone into stages is redone.
+
+Only what the net itself can tell is recorded about the backbone: its timm architecture name,
+`num_classes`, `in_chans` and a non-zero `drop_rate`. A backbone built with other constructor
+arguments (a different `drop_path_rate`, widths, a torchvision model, your own class) is
+rebuilt by you and passed as `load(path, backbone=model)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from earlyexit.errors import CheckpointError, EarlyExitError
+from earlyexit.graph import split_stages, trace_model
+from earlyexit.heads import ExitHead
+from earlyexit.model import EarlyExitConfig, EarlyExitNet
+
+__all__ = ["FORMAT_VERSION", "METADATA_KEY", "load", "read_metadata", "save"]
+
+FORMAT_VERSION = 1
+"""The version of the file layout that `save` writes and `load` reads (and older)."""
+
+METADATA_KEY = "earlyexit"
+"""The safetensors metadata key holding the JSON document."""
+
+
+def save(net: EarlyExitNet, path: str | os.PathLike[str]) -> None:
+    """Write an early-exit network to one `.safetensors` file.
+
+    The write is atomic: the file is written next to `path` under a temporary name and then
+    renamed, so `path` either keeps its old content or holds the whole new file, and a failed
+    save leaves nothing behind. Tensors that share memory (tied weights) are stored once each.
+
+    Args:
+        net: the network to save (a compiled net saves its uncompiled weights).
+        path: the file to write, conventionally ending in `.safetensors`.
+
+    Raises:
+        TypeError: when `net` is not an `EarlyExitNet`.
+
+    Example:
+        >>> import os, tempfile, timm, earlyexit
+        >>> from earlyexit.io import load, save
+        >>> net = earlyexit.convert(timm.create_model("resnet20"), n_exits=2)
+        >>> path = os.path.join(tempfile.mkdtemp(), "eenet20.safetensors")
+        >>> save(net, path)
+        >>> load(path).exit_names == net.exit_names
+        True
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(net, EarlyExitNet):
+        raise TypeError(f"Expected `net` to be an EarlyExitNet, got {type(net).__name__}.")
+    tensors = _unshared_tensors(net.state_dict())
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(_describe(net, tensors))}
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read the JSON document that `save` stored in a file, without loading any tensor.
+
+    Args:
+        path: a file written by `save`.
+
+    Returns:
+        The document: `format_version`, `library_version`, `config`, `backbone`
+        (`architecture`, `kwargs`, `class`), `num_classes`, `input_size`, `exit_names`,
+        `exit_type`, `heads`, `stage_macs`, `head_macs`, `exit_costs`, `threshold`, `dtype`,
+        `sha256`.
+
+    Raises:
+        FileNotFoundError: when there is no such file.
+        CheckpointError: when the file is not a safetensors file written by `save`.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No such file: {path!r}.")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as err:
+        raise CheckpointError(
+            f"{path!r} is not a readable safetensors file ({type(err).__name__}: {err}). "
+            "Hint: the file is truncated, corrupted or of another format; save it again with "
+            "`earlyexit.save(net, path)`."
+        ) from err
+    if METADATA_KEY not in raw:
+        raise CheckpointError(
+            f"{path!r} is a safetensors file without earlyexit metadata. Hint: it was not "
+            "written by `earlyexit.save`; for bare weights, convert the model and use "
+            "`net.load_state_dict(safetensors.torch.load_file(path))`."
+        )
+    try:
+        meta = json.loads(raw[METADATA_KEY])
+        version = int(meta["format_version"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(
+            f"The earlyexit metadata of {path!r} is malformed ({type(err).__name__}: {err}). "
+            "Hint: the file was edited or corrupted; save the model again."
+        ) from err
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path!r} has format version {version}, newer than this earlyexit reads "
+            f"({FORMAT_VERSION}). Hint: upgrade earlyexit (the file was written by version "
+            f"{meta.get('library_version')})."
+        )
+    return meta
+
+
+def load(
+    path: str | os.PathLike[str],
+    backbone: nn.Module | None = None,
+    map_location: str | torch.device = "cpu",
+) -> EarlyExitNet:
+    """Rebuild an early-exit network from a file written by `save`.
+
+    Without `backbone`, the backbone is created with `timm.create_model(architecture,
+    pretrained=False, **kwargs)` from the file (timm models only). With it, the file's weights
+    are loaded into that model, which must be of the saved architecture. Either way the model
+    is only traced and split at the saved exits; the MACs and costs come from the file. All
+    checks pass before any weight is copied, so a failed load leaves `backbone` untouched.
+
+    Args:
+        path: a file written by `save`.
+        backbone: the model to load the weights into; it becomes the net's `backbone`.
+        map_location: the device of the returned net.
+
+    Returns:
+        The network, in eval mode, on `map_location`, with the saved threshold.
+
+    Raises:
+        FileNotFoundError: when there is no such file.
+        CheckpointError: when the file is not a complete earlyexit file, is corrupted, or
+            does not fit `backbone` (other architecture, missing or extra tensors).
+
+    Example:
+        >>> import os, tempfile, timm, earlyexit
+        >>> from earlyexit.io import load, save
+        >>> net = earlyexit.convert(timm.create_model("resnet20"), n_exits=2, threshold=0.8)
+        >>> path = os.path.join(tempfile.mkdtemp(), "eenet20.safetensors")
+        >>> save(net, path)
+        >>> copy = load(path, backbone=timm.create_model("resnet20"))
+        >>> copy.threshold, copy.training
+        (0.8, False)
+    """
+    from safetensors.torch import load_file
+
+    if backbone is not None and not isinstance(backbone, nn.Module):
+        raise TypeError(f"Expected `backbone` to be an nn.Module, got {type(backbone).__name__}.")
+    if isinstance(backbone, EarlyExitNet):
+        raise TypeError("`backbone` is an EarlyExitNet. Hint: pass its `backbone`.")
+    path = os.fspath(path)
+    meta = read_metadata(path)
+    try:
+        tensors = load_file(path, device="cpu")
+    except Exception as err:
+        raise CheckpointError(
+            f"The tensors of {path!r} cannot be read ({type(err).__name__}: {err}). Hint: "
+            "the file is truncated or corrupted; save the model again."
+        ) from err
+    if meta.get("sha256") is not None and _digest(tensors) != meta["sha256"]:
+        raise CheckpointError(
+            f"The tensors of {path!r} do not match the checksum stored with them. Hint: the "
+            "file is corrupted; save the model again."
+        )
+    try:
+        config = EarlyExitConfig.from_dict(meta["config"])
+        stage_macs = [int(m) for m in meta["stage_macs"]]
+        head_macs = [int(m) for m in meta["head_macs"]]
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"The earlyexit metadata of {path!r} is incomplete ({type(err).__name__}: {err}). "
+            "Hint: the file was edited or corrupted; save the model again."
+        ) from err
+    rebuilt = backbone is None
+    if rebuilt:
+        backbone = _create_backbone(meta, path)
+    try:
+        net = _rebuild(backbone, config, stage_macs, head_macs, meta.get("heads"))
+    except EarlyExitError as err:
+        raise CheckpointError(
+            f"{path!r} does not fit {type(backbone).__name__}: {err} Hint: pass the backbone "
+            f"the file was saved from ({_architecture_text(meta)})."
+        ) from err
+    _check_tensors(net, tensors, path, meta)
+    net.load_state_dict(tensors, strict=True)
+    dtype = getattr(torch, str(meta.get("dtype")), None)
+    if rebuilt and isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        net.to(dtype=dtype)
+    net.to(map_location)
+    return net.eval()
+
+
+def _rebuild(
+    backbone: nn.Module,
+    config: EarlyExitConfig,
+    stage_macs: Sequence[int],
+    head_macs: Sequence[int],
+    saved_heads: Sequence[Mapping[str, Any]] | None = None,
+) -> EarlyExitNet:
+    """Build an `EarlyExitNet` at known exits with known MACs: trace and split, no profiling.
+
+    Args:
+        backbone: the model; it is traced at `config.input_size`, not changed.
+        config: a resolved config (its `exit_names` and `input_size` set).
+        stage_macs: the N+1 stage MAC counts.
+        head_macs: the N head MAC counts.
+        saved_heads: per exit, the `shape` and `channel_axis` the file recorded, checked
+            against the traced ones.
+
+    Raises:
+        TraceError: when the model cannot be traced or has no such cut points.
+        CheckpointError: when the counts or the exit layout do not fit.
+    """
+    if config.exit_names is None or config.input_size is None:
+        raise CheckpointError("The saved config has no `exit_names` or `input_size`.")
+    n = config.n_exits
+    if len(stage_macs) != n + 1 or len(head_macs) != n or sum(stage_macs) <= 0:
+        raise CheckpointError(
+            f"The saved MAC counts do not fit {n} exits: stage_macs={list(stage_macs)}, "
+            f"head_macs={list(head_macs)}."
+        )
+    traced = trace_model(backbone, tuple(config.input_size))
+    cuts = {c.name: c for c in traced.cut_points}
+    missing = [name for name in config.exit_names if name not in cuts]
+    if missing:
+        raise CheckpointError(
+            f"{type(backbone).__name__} has no cut point named {missing} at input size "
+            f"{tuple(config.input_size)}."
+        )
+    chosen = [cuts[name] for name in config.exit_names]
+    saved_heads = list(saved_heads) if saved_heads is not None else []
+    if saved_heads and len(saved_heads) != n:
+        raise CheckpointError(f"The file describes {len(saved_heads)} exit heads, not {n}.")
+    for i, (cut, saved) in enumerate(zip(chosen[: len(saved_heads)], saved_heads, strict=True)):
+        shape, axis = tuple(saved["shape"]), int(saved["channel_axis"])
+        if (shape, axis) != (cut.shape, cut.channel_axis):
+            raise CheckpointError(
+                f"exit {i} ({cut.name}) sees a feature of shape {cut.shape} (channel axis "
+                f"{cut.channel_axis}), but the file was saved with {shape} (channel axis {axis})."
+            )
+    heads = [
+        ExitHead(config.exit_type, c.shape, c.channel_axis, traced.num_classes) for c in chosen
+    ]
+    param = next(iter(backbone.parameters()), None)
+    if param is not None:
+        heads = [h.to(device=param.device, dtype=param.dtype) for h in heads]
+    stages = {
+        False: split_stages(traced.eval_graph, config.exit_names),
+        True: split_stages(traced.train_graph, config.exit_names),
+    }
+    net = EarlyExitNet(backbone, heads, stages, config, traced.num_classes, stage_macs, head_macs)
+    return net.train(backbone.training)
+
+
+def _unshared_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached CPU tensors that own their memory, as safetensors requires."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[str, int]] = set()
+    for key, value in state.items():
+        t = value.detach()
+        storage = t.untyped_storage()
+        ident = (str(t.device), storage.data_ptr())
+        whole = t.is_contiguous() and t.storage_offset() == 0
+        whole = whole and storage.nbytes() == t.numel() * t.element_size()
+        if ident in seen or not whole:
+            t = t.clone(memory_format=torch.contiguous_format)
+        seen.add(ident)
+        out[key] = t.cpu()
+    return out
+
+
+def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of the tensors, in name order."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype!s}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _backbone_spec(model: nn.Module, config: EarlyExitConfig, num_classes: int) -> dict[str, Any]:
+    """The timm architecture and the constructor arguments that the model itself reveals."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture") if isinstance(cfg, Mapping) else None
+    kwargs: dict[str, Any] = {"num_classes": int(getattr(model, "num_classes", num_classes))}
+    in_chans = config.input_size[0] if config.input_size else None
+    first = cfg.get("first_conv") if isinstance(cfg, Mapping) else None
+    if isinstance(first, str):
+        with contextlib.suppress(AttributeError):
+            in_chans = int(model.get_submodule(first).in_channels)
+    if in_chans is not None:
+        kwargs["in_chans"] = int(in_chans)
+    drop_rate = getattr(model, "drop_rate", None)
+    if isinstance(drop_rate, float) and drop_rate > 0:
+        kwargs["drop_rate"] = drop_rate
+    return {
+        "architecture": arch,
+        "kwargs": kwargs,
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+    }
+
+
+def _describe(net: EarlyExitNet, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    from earlyexit import __version__
+
+    floats = [p.dtype for p in net.parameters() if p.is_floating_point()]
+    return {
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "config": net.config.to_dict(),
+        "backbone": _backbone_spec(net.backbone, net.config, net.num_classes),
+        "num_classes": net.num_classes,
+        "input_size": list(net.input_size),
+        "exit_names": net.exit_names,
+        "exit_type": net.config.exit_type,
+        "heads": [{"shape": list(h.shape), "channel_axis": h.channel_axis} for h in net.heads],
+        "stage_macs": list(net.stage_macs),
+        "head_macs": list(net.head_macs),
+        "exit_costs": [float(c) for c in net.exit_costs.tolist()],
+        "threshold": net.threshold,
+        "dtype": str(floats[0]).removeprefix("torch.") if floats else None,
+        "sha256": _digest(tensors),
+    }
+
+
+def _architecture_text(meta: Mapping[str, Any]) -> str:
+    spec = meta.get("backbone") or {}
+    arch = spec.get("architecture")
+    if arch:
+        return f"timm.create_model({arch!r}, **{spec.get('kwargs')})"
+    return f"a {spec.get('class', 'model')}"
+
+
+def _create_backbone(meta: Mapping[str, Any], path: str) -> nn.Module:
+    import timm
+
+    spec = meta.get("backbone") or {}
+    arch = spec.get("architecture")
+    if not arch:
+        raise CheckpointError(
+            f"{path!r} was saved from a {spec.get('class', 'model')} that is not a timm model, "
+            "so it cannot be rebuilt from the file. Hint: create the model yourself and pass "
+            "it: `earlyexit.load(path, backbone=model)`."
+        )
+    kwargs = dict(spec.get("kwargs") or {})
+    try:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    except Exception as err:
+        raise CheckpointError(
+            f"timm cannot create {arch!r} with {kwargs} ({type(err).__name__}: {err}). Hint: "
+            "import the module that registers it, or create the model yourself and pass it: "
+            "`earlyexit.load(path, backbone=model)`."
+        ) from err
+
+
+def _check_tensors(
+    net: EarlyExitNet, tensors: Mapping[str, torch.Tensor], path: str, meta: Mapping[str, Any]
+) -> None:
+    """Every key present with its shape, nothing extra: checked before anything is copied."""
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    wrong = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    if not (missing or extra or wrong):
+        return
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", extra), ("shape mismatch", wrong)):
+        if items:
+            more = f" and {len(items) - 5} more" if len(items) > 5 else ""
+            parts.append(f"{label}: {', '.join(items[:5])}{more}")
+    raise CheckpointError(
+        f"The tensors of {path!r} do not fit the {type(net.backbone).__name__} net built for "
+        f"them ({'; '.join(parts)}). "
+        f"Hint: the file was saved from {_architecture_text(meta)}; pass that backbone."
+    )

@@ -1,0 +1,341 @@
+"""Train a 6n+2 ResNet EENet on CIFAR-10 or SVHN with the paper's recipe (Tables 7–9).
+
+Demir & Akbas, §4: SGD with momentum 0.9, a global batch of 256, learning rate 0.1 divided
+by 10 every 100 epochs, weight decay 1e-4 on every parameter, up to 350 epochs; standard CIFAR
+augmentation (4-pixel padding and random 32×32 crops, plus horizontal flips on CIFAR-10 only:
+flipped digits are other digits). Any depth (`resnet20` ... `resnet1202`), distribution rule,
+number of exits, exit type and λ. At the end the test set is evaluated with early exits at
+threshold T and a row like the paper's tables is printed: accuracy, number of exits, the cost
+percent of each exit, and the relative cost (mean cost per test sample / the ResNet's).
+
+The datasets are read with torchvision from `--data-dir` (its usual layout,
+`cifar-10-batches-py/` or `train_32x32.mat` and `test_32x32.mat`); nothing is downloaded.
+`--fake-data N` uses N random images instead, for smoke tests.
+
+Examples:
+    python examples/cifar_resnet.py --model resnet110 --dist pareto --n-exits 10 \\
+        --data-dir ~/data/cifar10
+    python examples/cifar_resnet.py --dataset svhn --model resnet32 --dist fine --data-dir DIR
+    python examples/cifar_resnet.py --model resnet20 --fake-data 256 --epochs 1  # smoke test
+    torchrun --nproc_per_node=4 examples/cifar_resnet.py --model resnet110 --data-dir DIR
+
+Under torchrun every process trains on its own shard with DistributedDataParallel; the global
+batch stays `--batch-size` (each process takes batch_size / world_size), so the recipe is the
+same on any number of GPUs. Only rank 0 prints and saves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import _distributed as ddp
+import timm
+import torch
+from torch.utils.data import Dataset
+from torchvision import datasets, transforms
+
+import earlyexit
+from earlyexit.training import train_one_epoch
+
+#: The number of exits the paper's tables use per depth (EENet-110: 10 in Table 7).
+PAPER_N_EXITS = {"resnet20": 3, "resnet32": 5, "resnet44": 6, "resnet56": 6, "resnet110": 10}
+
+DATASETS = {
+    # name: (mean, std, flip, expected files under --data-dir)
+    "cifar10": (
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+        True,
+        ["cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/test_batch"],
+    ),
+    "svhn": (
+        (0.4377, 0.4438, 0.4728),
+        (0.1980, 0.2010, 0.1970),
+        False,
+        ["train_32x32.mat", "test_32x32.mat"],
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The script's argument parser."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="See the module docstring (or the top of this file) for the recipe and examples.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
+    data.add_argument("--data-dir", default="data", help="torchvision root of the dataset")
+    data.add_argument(
+        "--fake-data",
+        type=int,
+        default=0,
+        metavar="N",
+        help="train on N random 32x32 images (and test on N/4) instead of --data-dir",
+    )
+    data.add_argument("--workers", type=int, default=4, help="DataLoader workers per process")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="resnet110", help="resnet20/32/44/56/110/1202")
+    model.add_argument(
+        "--n-exits",
+        type=int,
+        default=None,
+        help="early exits; default: the paper's for the depth (3, 5, 6, 6, 10), else 3",
+    )
+    model.add_argument("--dist", default="pareto", choices=list(earlyexit.DISTRIBUTIONS))
+    model.add_argument("--exit-type", default="pool", choices=["plain", "pool", "bnpool"])
+    model.add_argument("--threshold", type=float, default=0.5, help="T for early exits")
+
+    train = parser.add_argument_group("training (defaults: the paper's recipe)")
+    train.add_argument("--lam", type=float, default=1.0, help="λ, the weight of the cost")
+    train.add_argument(
+        "--loss-version",
+        default=None,
+        choices=["v2+ce", "v2", "v1", "mc", "cost"],
+        help="EENetLoss version; default: the library's recommended one",
+    )
+    train.add_argument("--epochs", type=int, default=350)
+    train.add_argument("--batch-size", type=int, default=256, help="global, over all processes")
+    train.add_argument("--lr", type=float, default=0.1)
+    train.add_argument("--lr-step", type=int, default=100, help="epochs between lr drops")
+    train.add_argument("--lr-gamma", type=float, default=0.1, help="lr factor at each drop")
+    train.add_argument("--momentum", type=float, default=0.9)
+    train.add_argument("--weight-decay", type=float, default=1e-4)
+    train.add_argument("--amp", action="store_true", help="float16 mixed precision (CUDA)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--eval-every", type=int, default=0, metavar="K", help="test every K epochs (0: at the end)"
+    )
+    train.add_argument(
+        "--find-unused-parameters",
+        action="store_true",
+        help="DDP option, for backbones with parameters that a forward pass skips",
+    )
+
+    out = parser.add_argument_group("output")
+    out.add_argument(
+        "--output-dir",
+        default=None,
+        help="where to save the trained net; default output/{dataset}-{model}-{dist}",
+    )
+    out.add_argument("--no-save", action="store_true", help="don't save the trained net")
+    out.add_argument(
+        "--json", default=None, metavar="PATH", help="write results as JSON ('-': stdout)"
+    )
+    out.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    out.add_argument(
+        "--digest-dir",
+        default=None,
+        help="every rank writes a SHA-256 of its final weights here (checks DDP replicas agree)",
+    )
+    ddp.add_distributed_arguments(parser)
+    return parser
+
+
+def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset]:
+    """The train and test sets, with the paper's augmentation on the train set."""
+    mean, std, flip, expected = DATASETS[args.dataset]
+    augment = [transforms.RandomCrop(32, padding=4)]
+    if flip:
+        augment.append(transforms.RandomHorizontalFlip())
+    to_tensor = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    train_tf = transforms.Compose(augment + to_tensor)
+    test_tf = transforms.Compose(to_tensor)
+    if args.fake_data:
+        size = (3, 32, 32)
+        train = datasets.FakeData(args.fake_data, size, 10, transform=train_tf)
+        test_size = max(args.fake_data // 4, 1)
+        test = datasets.FakeData(test_size, size, 10, transform=test_tf, random_offset=10**6)
+        return train, test
+    root = Path(args.data_dir).expanduser()
+    missing = [f for f in expected if not (root / f).exists()]
+    if missing:
+        how = "CIFAR10(root, download=True)" if flip else "SVHN(root, split, download=True)"
+        ddp.fail(
+            f"{args.dataset} not found in {str(root)!r}: missing {', '.join(missing)}. Hint: "
+            f"download it once where there is network (torchvision.datasets.{how}), point "
+            "--data-dir at it, or use --fake-data N for a smoke test."
+        )
+    try:
+        if args.dataset == "cifar10":
+            train = datasets.CIFAR10(root, train=True, transform=train_tf, download=False)
+            test = datasets.CIFAR10(root, train=False, transform=test_tf, download=False)
+        else:
+            train = datasets.SVHN(root, split="train", transform=train_tf, download=False)
+            test = datasets.SVHN(root, split="test", transform=test_tf, download=False)
+    except (RuntimeError, OSError, ValueError) as err:
+        ddp.fail(f"could not read {args.dataset} from {str(root)!r}: {err}")
+    return train, test
+
+
+def eenet_name(model: str) -> str:
+    """`resnet110` -> `EENet-110`, as the paper names its models."""
+    match = re.fullmatch(r"resnet(\d+)", model)
+    return f"EENet-{match.group(1)}" if match else f"EE-{model}"
+
+
+def paper_table(results: dict[str, Any]) -> str:
+    """One row in the layout of the paper's Tables 7 and 9."""
+    header = [
+        "Model",
+        "Dist",
+        "Accuracy",
+        "#Params",
+        "#E",
+        "Cost percent of EE-blocks",
+        "Relative cost",
+        "FLOPs (MMac)",
+    ]
+    row = [
+        eenet_name(results["model"]),
+        results["dist"],
+        f"{100 * results['accuracy']:.2f}",
+        f"{results['params'] / 1e6:.2f}M",
+        results["n_exits"],
+        ", ".join(str(p) for p in results["cost_percent"]),
+        f"{results['relative_cost']:.2f}",
+        f"{results['mean_mmac']:.2f}",
+    ]
+    return ddp.format_table(header, [row])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    ddp.seed_everything(args.seed)
+    train_set, test_set = build_datasets(args)
+    ctx = ddp.setup(args.device, args.backend, args.dist_timeout)
+    try:
+        return run(args, ctx, train_set, test_set, start)
+    finally:
+        ddp.cleanup()
+
+
+def run(
+    args: argparse.Namespace,
+    ctx: ddp.DistContext,
+    train_set: Dataset,
+    test_set: Dataset,
+    start: float,
+) -> int:
+    """Build, train, evaluate and report (every rank runs this)."""
+    progress = ctx.is_main and not args.no_progress
+    n_exits = args.n_exits or PAPER_N_EXITS.get(args.model, 3)
+    backbone = timm.create_model(args.model, num_classes=10)
+    net = earlyexit.convert(
+        backbone,
+        n_exits=n_exits,
+        dist=args.dist,
+        exit_type=args.exit_type,
+        input_size=(3, 32, 32),
+        threshold=args.threshold,
+    ).to(ctx.device)
+    params = sum(p.numel() for p in net.parameters())
+    ddp.print0(
+        ctx,
+        f"{eenet_name(args.model)}: {n_exits} exits after {net.exit_names}, costs "
+        f"{[round(c, 3) for c in net.exit_costs.tolist()]}, {params / 1e6:.2f}M parameters; "
+        f"{args.dataset}: {len(train_set)} train / {len(test_set)} test; {ctx.world_size} "
+        f"process(es) on {ctx.device.type}",
+    )
+
+    batch = ddp.per_rank_batch_size(args.batch_size, ctx)
+    train_loader = ddp.make_loader(train_set, batch, ctx, True, args.workers, args.seed)
+    test_loader = ddp.make_loader(test_set, batch, ctx, False, args.workers)
+    model = ddp.wrap_ddp(net, ctx, args.find_unused_parameters)
+    loss_kwargs = {} if args.loss_version is None else {"version": args.loss_version}
+    criterion = earlyexit.EENetLoss(lam=args.lam, **loss_kwargs)
+    # The recipe decays every parameter, as the ResNet paper's did.
+    optimizer = torch.optim.SGD(
+        net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_step, args.lr_gamma)
+    scaler = None
+    if args.amp:
+        if ctx.device.type != "cuda":
+            ddp.print0(ctx, "warning: --amp needs CUDA; training in float32")
+        else:
+            scaler = torch.amp.GradScaler("cuda")
+
+    history: list[dict[str, Any]] = []
+    for epoch in range(args.epochs):
+        train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        lr = optimizer.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        loss = train_one_epoch(
+            model, train_loader, criterion, optimizer, ctx.device, epoch, progress, scaler
+        )
+        scheduler.step()
+        loss = ddp.all_reduce_mean(loss, ctx)
+        entry: dict[str, Any] = {"epoch": epoch, "lr": lr, "loss": loss}
+        line = f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  loss {loss:.4f}"
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
+            ev = ddp.evaluate_distributed(net, test_loader, ctx, progress=progress)
+            entry.update(accuracy=ev.accuracy, cost=ev.cost)
+            line += f"  test acc {ev.accuracy:.2%}  cost {ev.cost:.3f}"
+        history.append(entry)
+        ddp.print0(ctx, f"{line}  ({time.perf_counter() - t0:.1f}s)")
+
+    ddp.sync_buffers(net, ctx)
+    if args.digest_dir:
+        ddp.write_digest(net, args.digest_dir, ctx)
+    ev = ddp.evaluate_distributed(net, test_loader, ctx, progress=progress)
+
+    costs = net.exit_costs.tolist()
+    results: dict[str, Any] = {
+        "model": args.model,
+        "dataset": "fake" if args.fake_data else args.dataset,
+        "dist": args.dist,
+        "exit_type": args.exit_type,
+        "n_exits": n_exits,
+        "exit_names": net.exit_names,
+        "lam": args.lam,
+        "loss_version": criterion.version,
+        "threshold": ev.threshold,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "world_size": ctx.world_size,
+        "accuracy": ev.accuracy,
+        "relative_cost": ev.cost,
+        "cost_percent": [round(100 * c) for c in costs[:-1]],
+        "exit_costs": costs,
+        "exit_counts": ev.exit_counts,
+        "exit_accuracy": ev.exit_accuracy,
+        "final_exit_accuracy": ev.exit_accuracy[-1],
+        "params": sum(p.numel() for p in net.parameters()),
+        "backbone_mmac": net.backbone_macs / 1e6,
+        "mean_mmac": ev.cost * net.backbone_macs / 1e6,
+        "test_samples": ev.num_samples,
+        "history": history,
+        "checkpoint": None,
+    }
+    if ctx.is_main:
+        if not args.no_save:
+            out = args.output_dir or f"output/{args.dataset}-{args.model}-{args.dist}"
+            extra = {"model": args.model, "num_classes": 10, "dataset": args.dataset}
+            results["checkpoint"] = str(ddp.save_net(net, out, extra))
+        results["wall_time_s"] = time.perf_counter() - start
+        print(f"\n{ev}\n", flush=True)
+        print(paper_table(results), flush=True)
+        print(
+            f"(final exit alone: {100 * ev.exit_accuracy[-1]:.2f}% at cost {costs[-1]:.2f}; "
+            f"T={ev.threshold:g}, {ev.num_samples} test samples)",
+            flush=True,
+        )
+        if results["checkpoint"]:
+            print(f"saved {results['checkpoint']}", flush=True)
+        if args.json:
+            ddp.write_json(results, args.json)
+    ddp.barrier(ctx)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

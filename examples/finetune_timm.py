@@ -1,0 +1,341 @@
+"""Fine-tune any timm model as an early-exit network on an image folder, then pick a threshold.
+
+The model is created with timm (its pretrained weights only with `--pretrained`, from timm's
+local cache, or `--checkpoint FILE`), converted with `earlyexit.convert`, and trained with
+`EENetLoss` on `--data-dir/train/` (one folder per class, torchvision's `ImageFolder`). With
+`--freeze-backbone` only the exits learn (and the model's own classifier, when it is new for
+these classes); without it the backbone is fine-tuned too, at `--backbone-lr`. Then the
+validation set (`--data-dir/val/`) is evaluated at a few thresholds T, and the
+accuracy/cost trade-off is printed (relative cost: mean MACs per sample / the model's), with
+a "final only" row for the model without early exits. The net is saved with its threshold set
+to `--threshold` (`earlyexit.save` when the library has it, else a state dict plus
+`config.json`).
+
+Examples:
+    python examples/finetune_timm.py --model resnet50 --pretrained --freeze-backbone \\
+        --data-dir ~/data/flowers --n-exits 4 --epochs 5
+    python examples/finetune_timm.py --model convnext_tiny --checkpoint convnext_tiny.safetensors \\
+        --data-dir DIR --lr 1e-3 --backbone-lr 1e-4
+    python examples/finetune_timm.py --model resnet20 --fake-data 256 --epochs 1  # smoke test
+    torchrun --nproc_per_node=4 examples/finetune_timm.py --model resnet50 --data-dir DIR
+
+Under torchrun every process trains on its own shard with DistributedDataParallel and
+evaluates its share of the validation set; the global batch stays `--batch-size`. Only rank 0
+prints and saves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import _distributed as ddp
+import timm
+import torch
+from timm.data import create_transform, resolve_data_config
+from torch.utils.data import Dataset
+from torchvision import datasets
+
+import earlyexit
+from earlyexit.calibrate import NEVER
+from earlyexit.training import freeze_backbone, param_groups, train_one_epoch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The script's argument parser."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="See the module docstring (or the top of this file) for examples.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-dir", default=None, help="a folder with train/ and val/ inside")
+    data.add_argument(
+        "--fake-data",
+        type=int,
+        default=0,
+        metavar="N",
+        help="train on N random images (validate on N/4) instead of --data-dir",
+    )
+    data.add_argument("--num-classes", type=int, default=10, help="classes of --fake-data")
+    data.add_argument(
+        "--img-size", type=int, default=None, help="input side; default: the model's own"
+    )
+    data.add_argument("--workers", type=int, default=4, help="DataLoader workers per process")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="resnet50", help="any timm model name")
+    model.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="start from timm's pretrained weights (they must be in the local cache)",
+    )
+    model.add_argument(
+        "--checkpoint", default=None, help="a local weights file for the model (implies pretrained)"
+    )
+    model.add_argument("--n-exits", type=int, default=3)
+    model.add_argument("--dist", default="pareto", choices=list(earlyexit.DISTRIBUTIONS))
+    model.add_argument("--exit-type", default="pool", choices=["plain", "pool", "bnpool"])
+    model.add_argument(
+        "--threshold", type=float, default=0.5, help="T set on the saved net (and detailed)"
+    )
+    model.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="+",
+        default=[0.2, 0.4, 0.5, 0.6, 0.8, 0.95],
+        help="thresholds of the trade-off table",
+    )
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--freeze-backbone", action="store_true", help="train only the exits")
+    train.add_argument("--lam", type=float, default=1.0, help="λ, the weight of the cost")
+    train.add_argument(
+        "--loss-version",
+        default=None,
+        choices=["v2+ce", "v2", "v1", "mc", "cost"],
+        help="EENetLoss version; default: the library's recommended one",
+    )
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=64, help="global, over all processes")
+    train.add_argument("--opt", default="adamw", choices=["adamw", "sgd"])
+    train.add_argument("--lr", type=float, default=1e-3, help="learning rate of the exits")
+    train.add_argument(
+        "--backbone-lr",
+        type=float,
+        default=None,
+        help="learning rate of the backbone; default --lr",
+    )
+    train.add_argument("--weight-decay", type=float, default=0.05)
+    train.add_argument("--amp", action="store_true", help="float16 mixed precision (CUDA)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--find-unused-parameters",
+        action="store_true",
+        help="DDP option, for backbones with parameters that a forward pass skips",
+    )
+
+    out = parser.add_argument_group("output")
+    out.add_argument(
+        "--output-dir", default=None, help="where to save the net; default output/finetune-{model}"
+    )
+    out.add_argument("--no-save", action="store_true", help="don't save the trained net")
+    out.add_argument(
+        "--json", default=None, metavar="PATH", help="write results as JSON ('-': stdout)"
+    )
+    out.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    out.add_argument(
+        "--digest-dir",
+        default=None,
+        help="every rank writes a SHA-256 of its final weights here (checks DDP replicas agree)",
+    )
+    ddp.add_distributed_arguments(parser)
+    return parser
+
+
+def create_backbone(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    """The timm model, with local pretrained weights when asked, for `num_classes` classes."""
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    pretrained = args.pretrained or args.checkpoint is not None
+    if args.checkpoint is not None:
+        if not Path(args.checkpoint).is_file():
+            ddp.fail(f"--checkpoint {args.checkpoint!r} is not a file.")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(args.checkpoint)}
+    try:
+        return timm.create_model(args.model, pretrained=pretrained, **kwargs)
+    except Exception as err:  # timm raises many kinds when weights are missing or offline
+        if not pretrained and "Unknown model" not in str(err):
+            raise
+        message = str(err).rstrip(".")
+        hint = (
+            "`timm.list_models('*name*')` lists the model names."
+            if "Unknown model" in message
+            else "download the weights once where there is network (they go to the Hugging "
+            "Face cache), pass a local file with --checkpoint, or drop --pretrained."
+        )
+        ddp.fail(
+            f"could not create {args.model}: {message}."
+            + ("" if "Hint" in message else f" Hint: {hint}")
+        )
+
+
+def build_datasets(
+    args: argparse.Namespace, data_config: dict[str, Any]
+) -> tuple[Dataset, Dataset]:
+    """The train and validation sets with timm's transforms for the model."""
+    train_tf = create_transform(**data_config, is_training=True)
+    val_tf = create_transform(**data_config, is_training=False)
+    if args.fake_data:
+        size = tuple(data_config["input_size"])
+        train = datasets.FakeData(args.fake_data, size, args.num_classes, transform=train_tf)
+        n_val = max(args.fake_data // 4, 1)
+        val = datasets.FakeData(n_val, size, args.num_classes, val_tf, random_offset=10**6)
+        return train, val
+    train_set = datasets.ImageFolder(Path(args.data_dir).expanduser() / "train", train_tf)
+    val_set = datasets.ImageFolder(Path(args.data_dir).expanduser() / "val", val_tf)
+    if train_set.classes != val_set.classes:
+        ddp.fail(
+            f"train/ has classes {train_set.classes} but val/ has {val_set.classes}. "
+            "Hint: both need one folder per class, with the same names."
+        )
+    return train_set, val_set
+
+
+def check_data_dir(args: argparse.Namespace) -> list[str]:
+    """The class names of `--data-dir`, or an error that says what is missing."""
+    if args.fake_data:
+        return [str(i) for i in range(args.num_classes)]
+    if args.data_dir is None:
+        ddp.fail("give --data-dir (a folder with train/ and val/) or --fake-data N.")
+    root = Path(args.data_dir).expanduser()
+    missing = [p for p in ("train", "val") if not (root / p).is_dir()]
+    if missing:
+        ddp.fail(
+            f"{str(root)!r} has no {' or '.join(p + '/' for p in missing)} folder. Hint: the "
+            "layout is DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg (torchvision ImageFolder)."
+        )
+    return sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    classes = check_data_dir(args)
+    ddp.seed_everything(args.seed)
+    ctx = ddp.setup(args.device, args.backend, args.dist_timeout)
+    try:
+        return run(args, ctx, classes, start)
+    finally:
+        ddp.cleanup()
+
+
+def run(args: argparse.Namespace, ctx: ddp.DistContext, classes: list[str], start: float) -> int:
+    """Build, train, evaluate and report (every rank runs this)."""
+    progress = ctx.is_main and not args.no_progress
+    backbone = create_backbone(args, len(classes))
+    overrides = {} if args.img_size is None else {"input_size": (3, args.img_size, args.img_size)}
+    data_config = resolve_data_config(overrides, model=backbone)
+    train_set, val_set = build_datasets(args, data_config)
+    if isinstance(train_set, datasets.ImageFolder):
+        classes = train_set.classes
+
+    net = earlyexit.convert(
+        backbone,
+        n_exits=args.n_exits,
+        dist=args.dist,
+        exit_type=args.exit_type,
+        input_size=data_config["input_size"],
+        threshold=args.threshold,
+    ).to(ctx.device)
+    pretrained = args.pretrained or args.checkpoint is not None
+    if args.freeze_backbone:
+        if not pretrained:
+            ddp.print0(ctx, "warning: --freeze-backbone without pretrained weights")
+        freeze_backbone(net)
+        # The classifier timm made for these classes is new: the final exit must learn too.
+        if not pretrained or len(classes) != backbone.pretrained_cfg.get("num_classes"):
+            backbone.get_classifier().requires_grad_(True)
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    ddp.print0(
+        ctx,
+        f"{args.model} -> {args.n_exits} exits after {net.exit_names}, costs "
+        f"{[round(c, 3) for c in net.exit_costs.tolist()]}; {trainable:,} trainable "
+        f"parameters; {len(train_set)} train / {len(val_set)} val images, {len(classes)} "
+        f"classes; {ctx.world_size} process(es) on {ctx.device.type}",
+    )
+
+    batch = ddp.per_rank_batch_size(args.batch_size, ctx)
+    train_loader = ddp.make_loader(train_set, batch, ctx, True, args.workers, args.seed)
+    val_loader = ddp.make_loader(val_set, batch, ctx, False, args.workers)
+    model = ddp.wrap_ddp(net, ctx, args.find_unused_parameters)
+    loss_kwargs = {} if args.loss_version is None else {"version": args.loss_version}
+    criterion = earlyexit.EENetLoss(lam=args.lam, **loss_kwargs)
+    groups = param_groups(net, args.lr, args.backbone_lr, args.weight_decay)
+    if args.opt == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(args.epochs, 1))
+    scaler = None
+    if args.amp:
+        if ctx.device.type != "cuda":
+            ddp.print0(ctx, "warning: --amp needs CUDA; training in float32")
+        else:
+            scaler = torch.amp.GradScaler("cuda")
+
+    history: list[dict[str, Any]] = []
+    for epoch in range(args.epochs):
+        train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        t0 = time.perf_counter()
+        loss = train_one_epoch(
+            model, train_loader, criterion, optimizer, ctx.device, epoch, progress, scaler
+        )
+        scheduler.step()
+        loss = ddp.all_reduce_mean(loss, ctx)
+        history.append({"epoch": epoch, "loss": loss})
+        ddp.print0(
+            ctx,
+            f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f}  ({time.perf_counter() - t0:.1f}s)",
+        )
+
+    ddp.sync_buffers(net, ctx)
+    if args.digest_dir:
+        ddp.write_digest(net, args.digest_dir, ctx)
+    thresholds = [*sorted(set(args.thresholds)), NEVER]
+    curve = ddp.tradeoff_distributed(net, val_loader, ctx, thresholds, progress)
+    chosen = ddp.evaluate_distributed(net, val_loader, ctx, progress=progress)
+
+    results: dict[str, Any] = {
+        "model": args.model,
+        "dataset": "fake" if args.fake_data else str(args.data_dir),
+        "classes": classes,
+        "input_size": list(data_config["input_size"]),
+        "pretrained": pretrained,
+        "freeze_backbone": args.freeze_backbone,
+        "dist": args.dist,
+        "exit_type": args.exit_type,
+        "n_exits": args.n_exits,
+        "exit_names": net.exit_names,
+        "exit_costs": net.exit_costs.tolist(),
+        "lam": args.lam,
+        "loss_version": criterion.version,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "world_size": ctx.world_size,
+        "history": history,
+        "tradeoff": curve.to_rows(),
+        "final_exit_accuracy": curve.reference_accuracy,
+        "threshold": chosen.threshold,
+        "accuracy": chosen.accuracy,
+        "relative_cost": chosen.cost,
+        "exit_counts": chosen.exit_counts,
+        "exit_accuracy": chosen.exit_accuracy,
+        "checkpoint": None,
+    }
+    if ctx.is_main:
+        if not args.no_save:
+            out = args.output_dir or f"output/finetune-{args.model}"
+            extra = {
+                "model": args.model,
+                "num_classes": len(classes),
+                "classes": classes,
+                "pretrained": pretrained,
+            }
+            results["checkpoint"] = str(ddp.save_net(net, out, extra))
+        results["wall_time_s"] = time.perf_counter() - start
+        print("\naccuracy/cost trade-off on the validation set (T = never: no early exit):")
+        print(curve)
+        print(f"\nat T={chosen.threshold:g}:\n{chosen}", flush=True)
+        if results["checkpoint"]:
+            print(f"saved {results['checkpoint']} (threshold {net.threshold:g})", flush=True)
+        if args.json:
+            ddp.write_json(results, args.json)
+    ddp.barrier(ctx)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

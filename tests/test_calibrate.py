@@ -1,0 +1,295 @@
+"""The trade-off curve and threshold calibration agree with early-exit inference exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+import earlyexit
+from earlyexit.calibrate import (
+    DEFAULT_THRESHOLDS,
+    NEVER,
+    TradeoffCurve,
+    _Cache,
+    _collect,
+    _sweep,
+    calibrate,
+    plot_tradeoff,
+    tradeoff_curve,
+)
+
+
+def spread_confidences(net: earlyexit.EarlyExitNet, x: torch.Tensor) -> None:
+    """Rescale the untrained confidence branches so that h_i spreads over (0, 1) on `x`."""
+    with torch.no_grad():
+        out = net.eval().forward_all(x)
+        for head, a in zip(net.heads, out.confidence_logits, strict=True):
+            scale = a.std().clamp_min(1e-12) / 1.5
+            head.confidence.bias.copy_((head.confidence.bias - a.mean()) / scale)
+            head.confidence.weight.div_(scale)
+
+
+@pytest.fixture(scope="module")
+def net() -> earlyexit.EarlyExitNet:
+    torch.manual_seed(0)
+    net = earlyexit.convert(timm.create_model("resnet20", num_classes=10), n_exits=3)
+    spread_confidences(net, torch.randn(48, 3, 32, 32))
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def data(net) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Three batches; half the labels agree with the final exit so accuracies differ."""
+    g = torch.Generator().manual_seed(2)
+    batches = []
+    for size in (16, 16, 9):
+        x = torch.randn(size, 3, 32, 32, generator=g)
+        with torch.no_grad():
+            final = net.forward_all(x).logits[-1].argmax(1)
+        y = torch.where(torch.rand(size, generator=g) < 0.5, final, torch.randint(0, 10, (size,)))
+        batches.append((x, y))
+    return batches
+
+
+@pytest.fixture(scope="module")
+def curve(net, data) -> TradeoffCurve:
+    return tradeoff_curve(net, data, progress=False)
+
+
+def inference_outcome(net, data, threshold):
+    """What `early_exit` itself does at a threshold: exit counts, accuracy, mean cost."""
+    exits, right, cost = [], [], []
+    with torch.no_grad():
+        for x, y in data:
+            r = net.early_exit(x, threshold)
+            exits.append(r.exit_index)
+            right.append(r.logits.argmax(1) == y)
+            cost.append(r.cost.double())
+    exits = torch.cat(exits)
+    counts = torch.bincount(exits, minlength=net.num_exits + 1).tolist()
+    return counts, torch.cat(right).double().mean().item(), torch.cat(cost).mean().item()
+
+
+def test_default_thresholds():
+    assert 0.5 in DEFAULT_THRESHOLDS and DEFAULT_THRESHOLDS[0] == 0.0
+    assert DEFAULT_THRESHOLDS[-1] > 1 and list(DEFAULT_THRESHOLDS) == sorted(DEFAULT_THRESHOLDS)
+
+
+def test_curve_equals_early_exit_inference(net, data, curve):
+    assert curve.thresholds == list(DEFAULT_THRESHOLDS)
+    assert curve.num_samples == 41
+    assert len(curve.exit_counts) == len(DEFAULT_THRESHOLDS)
+    for t, acc, cost, counts in zip(
+        curve.thresholds, curve.accuracy, curve.mean_cost, curve.exit_counts, strict=True
+    ):
+        expected_counts, expected_acc, expected_cost = inference_outcome(net, data, t)
+        assert counts == expected_counts, t
+        assert acc == pytest.approx(expected_acc, abs=1e-12)
+        assert cost == pytest.approx(expected_cost, rel=1e-6)
+    middle = curve.exit_counts[curve.thresholds.index(0.5)]
+    assert all(0 < k < 41 for k in middle), "the fixture should spread samples over the exits"
+
+
+def test_curve_ends(net, curve):
+    assert curve.exit_counts[0] == [41, 0, 0, 0]
+    assert curve.exit_counts[-1] == [0, 0, 0, 41]
+    assert curve.accuracy[0] == pytest.approx(curve.exit_accuracy[0])
+    assert curve.accuracy[-1] == pytest.approx(curve.reference_accuracy)
+    assert curve.mean_cost[0] == pytest.approx(net.exit_costs[0].item(), rel=1e-6)
+    assert curve.mean_cost[-1] == pytest.approx(net.exit_costs[-1].item(), rel=1e-6)
+    assert curve.mean_cost == sorted(curve.mean_cost)
+
+
+def test_one_forward_all_per_batch_and_mode_restored(data):
+    torch.manual_seed(0)
+    net = earlyexit.convert(timm.create_model("resnet20"), n_exits=2).train()
+    running = net.backbone.bn1.running_mean.clone()
+    calls = []
+    forward_all = net.forward_all
+
+    def counting(x):
+        calls.append(x.shape[0])
+        assert not net.training
+        return forward_all(x)
+
+    net.forward_all = counting
+    net.early_exit = None  # never used
+    tradeoff_curve(net, data, thresholds=[0.1, 0.5, 0.9], progress=False)
+    assert calls == [16, 16, 9]
+    assert net.training and net.heads[0].training
+    torch.testing.assert_close(net.backbone.bn1.running_mean, running, rtol=0, atol=0)
+
+
+def test_custom_thresholds_keep_their_order(net, data):
+    c = tradeoff_curve(net, data, thresholds=[0.9, 0.1, 0.5, 0.5], progress=True)
+    assert c.thresholds == [0.9, 0.1, 0.5, 0.5]
+    assert c.exit_counts[2] == c.exit_counts[3]
+    assert c.mean_cost[0] >= c.mean_cost[2] >= c.mean_cost[1]
+
+
+def test_table_and_rows(curve):
+    rows = curve.to_rows()
+    assert len(rows) == len(curve.thresholds)
+    assert set(rows[0]) == {"threshold", "accuracy", "mean_cost", "speedup", "exit_counts"}
+    assert rows[-1]["speedup"] == pytest.approx(1.0)
+    text = str(curve)
+    assert "never" in text and "\n   0.5 " in text and "41 samples" in text
+
+
+def brute_force(cache: _Cache, threshold: float):
+    """The curve at one threshold, one sample at a time, by `exit_mask`'s comparison.
+
+    The cache holds h = sigmoid(a.float()), what `exit_mask` compares with the threshold.
+    """
+    conf = torch.from_numpy(cache.confidence)
+    leave = conf >= threshold
+    full = torch.cat([leave, torch.ones(len(conf), 1, dtype=torch.bool)], 1)
+    exits = full.to(torch.uint8).argmax(1).numpy()
+    right = cache.correct[np.arange(len(exits)), exits].mean()
+    counts = np.bincount(exits, minlength=conf.shape[1] + 1)
+    return right, counts @ cache.costs / len(exits), counts
+
+
+def test_sweep_matches_exit_mask_at_every_observed_confidence(net, data):
+    cache = _collect(net, data, progress=False)
+    observed = np.unique(cache.confidence)
+    thresholds = np.concatenate([observed, [0.0, 0.5, 1.0, NEVER]]).astype(np.float32)
+    acc, cost, counts = _sweep(cache, thresholds)
+    for k, t in enumerate(thresholds.tolist()):
+        b_acc, b_cost, b_counts = brute_force(cache, t)
+        assert counts[k].tolist() == b_counts.tolist(), t
+        assert acc[k] == b_acc and cost[k] == pytest.approx(b_cost, rel=1e-12)
+
+
+confidences = arrays(
+    np.float32,
+    st.tuples(st.integers(1, 12), st.integers(1, 4)),
+    elements=st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.5000001, 0.75, 0.9999999, 1.0]),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(conf=confidences, seed=st.integers(0, 2**16), t=st.sampled_from([0.0, 0.25, 0.5, 1.0, 3.0]))
+def test_sweep_property(conf, seed, t):
+    rng = np.random.default_rng(seed)
+    samples, n = conf.shape
+    cache = _Cache(
+        confidence=conf,
+        correct=rng.random((samples, n + 1)) < 0.5,
+        costs=np.cumsum(rng.random(n + 1) + 0.1),
+    )
+    acc, cost, counts = _sweep(cache, np.array([t, 0.5], np.float32))
+    b_acc, b_cost, b_counts = brute_force(cache, t)
+    assert counts[0].tolist() == b_counts.tolist()
+    assert acc[0] == b_acc and cost[0] == pytest.approx(b_cost, rel=1e-12)
+
+
+def all_candidates(net, data):
+    cache = _collect(net, data, progress=False)
+    thresholds = np.concatenate([np.unique(cache.confidence), [0.0, NEVER]]).astype(np.float32)
+    acc, cost, _ = _sweep(cache, thresholds)
+    return cache, acc, cost
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.6, 1.0])
+def test_calibrate_target_cost(net, data, fraction):
+    c0, cn = net.exit_costs[0].item(), net.exit_costs[-1].item()
+    target = c0 + fraction * (cn - c0)
+    before = net.threshold
+    try:
+        t = calibrate(net, data, target_cost=target, progress=False)
+        assert net.threshold == t
+        _, got_acc, got_cost = inference_outcome(net, data, t)
+        assert got_cost <= target + 1e-6
+        _, acc, cost = all_candidates(net, data)
+        assert got_acc == pytest.approx(acc[cost <= target + 1e-9].max())
+    finally:
+        net.threshold = before
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.05, 0.2, 1.0])
+def test_calibrate_accuracy_drop(net, data, curve, drop):
+    before = net.threshold
+    try:
+        t = calibrate(net, data, max_accuracy_drop=drop, progress=False)
+        _, got_acc, got_cost = inference_outcome(net, data, t)
+        assert got_acc >= curve.reference_accuracy - drop - 1e-9
+        _, acc, cost = all_candidates(net, data)
+        feasible = acc >= curve.reference_accuracy - drop - 1e-9
+        assert got_cost == pytest.approx(cost[feasible].min(), rel=1e-6)
+        if drop == 1.0:
+            assert got_cost == pytest.approx(net.exit_costs[0].item(), rel=1e-6)
+    finally:
+        net.threshold = before
+
+
+def test_calibrated_threshold_sits_between_confidences(net, data):
+    before = net.threshold
+    try:
+        t = calibrate(net, data, target_cost=net.exit_costs[1].item(), progress=False)
+        cache = _collect(net, data, progress=False)
+        assert not np.any(cache.confidence == np.float32(t)) or t in (0.0, NEVER)
+    finally:
+        net.threshold = before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({}, "exactly one"),
+        ({"target_cost": 0.5, "max_accuracy_drop": 0.01}, "exactly one"),
+        ({"target_cost": 0.01}, "target_cost"),
+        ({"target_cost": 1.5}, "target_cost"),
+        ({"target_cost": float("nan")}, "target_cost"),
+        ({"max_accuracy_drop": -0.1}, "max_accuracy_drop"),
+        ({"max_accuracy_drop": 2.0}, "max_accuracy_drop"),
+    ],
+)
+def test_calibrate_rejects_bad_budgets(net, data, kwargs, match):
+    net.threshold = 0.5
+    with pytest.raises(ValueError, match=match):
+        calibrate(net, data, progress=False, **kwargs)
+    assert net.threshold == 0.5
+
+
+@pytest.mark.parametrize(
+    ("loader", "error", "match"),
+    [
+        ([], ValueError, "no batches"),
+        ([(torch.randn(4, 3, 28, 28), torch.zeros(4, dtype=torch.long))], ValueError, "shape"),
+        ([(torch.randn(4, 3, 32, 32), torch.zeros(3, dtype=torch.long))], ValueError, "targets"),
+        ([torch.randn(4, 3, 32, 32)], TypeError, r"\(x, y\)"),
+    ],
+    ids=["empty", "wrong_size", "wrong_targets", "no_pairs"],
+)
+def test_bad_data_raises_and_keeps_the_threshold(net, loader, error, match):
+    net.threshold = 0.5
+    with pytest.raises(error, match=match):
+        calibrate(net, loader, target_cost=0.5, progress=False)
+    with pytest.raises(error, match=match):
+        tradeoff_curve(net, loader, progress=False)
+    assert net.threshold == 0.5
+
+
+def test_bad_thresholds(net, data):
+    with pytest.raises(ValueError, match="threshold"):
+        tradeoff_curve(net, data, thresholds=[-0.1], progress=False)
+    with pytest.raises(TypeError, match="EarlyExitNet"):
+        tradeoff_curve(torch.nn.Linear(2, 2), data, progress=False)
+
+
+def test_plot_tradeoff(curve, tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    path = tmp_path / "curve.png"
+    ax = plot_tradeoff(curve, path=str(path))
+    assert path.stat().st_size > 1000
+    labels = ax.get_legend_handles_labels()[1]
+    assert "T = 0.5 (paper)" in labels and "no early exit" in labels

@@ -1,0 +1,76 @@
+"""`earlyexit demo`: trains, prints the Table 2 layout and writes the plot."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from earlyexit import cli
+from earlyexit.demo import LOSSES, DemoRow, add_demo_arguments, format_table, run_demo
+from earlyexit.training import Evaluation
+
+
+def demo_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_demo_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_demo_prints_table_2_and_writes_the_plot(tmp_path, capsys):
+    args = demo_args(
+        "--epochs", "1", "--batch-size", "256", "--out", str(tmp_path), "--no-progress"
+    )
+    assert run_demo(args) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("Table 2 layout") :]
+    lines = table.splitlines()
+    assert "relative cost at each exit: EE-0 0.42, EE-1 0.71, last 1.00" in table
+    assert lines[3].split()[:7] == ["model", "EE-0", "EE-1", "last", "EE-0", "EE-1", "last"]
+    rows = {label: line for label, _ in LOSSES for line in lines if line.startswith(label + " ")}
+    assert list(rows) == [label for label, _ in LOSSES]
+    plain = rows["ResNet-8"].split()
+    assert plain[1:4] == ["-", "-", "all"] and plain[-1] == "1.00"
+    for label, _ in LOSSES[1:]:
+        fields = rows[label][len(label) :].split()
+        counts = [int(c) for c in fields[:3]]
+        assert sum(counts) == 450  # the digits test split
+        assert all(0.0 <= float(a) <= 100.0 for a in fields[3:7])
+        assert 0.4 <= float(fields[-1]) <= 1.01
+
+    png = tmp_path / "tradeoff.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(png) in out
+
+
+def test_cli_runs_the_demo_and_reports_missing_mnist(tmp_path, capsys):
+    code = cli.main(["demo", "--dataset", "mnist", "--data-dir", str(tmp_path), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "MNIST was not found" in err and "--data-dir" in err
+
+
+def test_demo_rejects_bad_options(capsys):
+    assert run_demo(demo_args("--epochs", "0")) == 2
+    assert "--epochs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        demo_args("--dataset", "cifar")
+
+
+def test_format_table_layout():
+    ev = Evaluation(
+        accuracy=0.9,
+        cost=0.8,
+        exit_counts=[1, 2, 7],
+        exit_accuracy=[0.3, 0.6, 0.95],
+        exit_costs=[0.25, 0.5, 1.0],
+        num_samples=10,
+        threshold=0.5,
+    )
+    rows = [DemoRow("plain", None, 0.97, 1.0), DemoRow("eenet", ev, 0.9, 0.8)]
+    text = format_table(rows, ev.exit_costs, "title")
+    lines = text.splitlines()
+    assert lines[0] == "title"
+    assert lines[1] == "relative cost at each exit: EE-0 0.25, EE-1 0.50, last 1.00"
+    assert lines[-2].split() == ["plain", "-", "-", "all", "-", "-", "97.00", "97.00", "1.00"]
+    assert lines[-1].split() == ["eenet", "1", "2", "7", "30.00", "60.00", "95.00", "90.00", "0.80"]

@@ -1,0 +1,304 @@
+"""Saving and loading: one safetensors file, no pickle, no re-profiling, clear failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import earlyexit
+from earlyexit.errors import CheckpointError
+from earlyexit.io import FORMAT_VERSION, METADATA_KEY, load, read_metadata, save
+
+
+def spread_confidences(net: earlyexit.EarlyExitNet, x: torch.Tensor) -> None:
+    """Rescale the untrained confidence branches so that h_i spreads over (0, 1) on `x`."""
+    with torch.no_grad():
+        out = net.eval().forward_all(x)
+        for head, a in zip(net.heads, out.confidence_logits, strict=True):
+            scale = a.std().clamp_min(1e-12) / 1.5
+            head.confidence.bias.copy_((head.confidence.bias - a.mean()) / scale)
+            head.confidence.weight.div_(scale)
+
+
+class ToyNet(nn.Module):
+    """A classifier that timm does not know."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.relu(self.conv3(x))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def net() -> earlyexit.EarlyExitNet:
+    torch.manual_seed(0)
+    net = earlyexit.convert(timm.create_model("resnet20", num_classes=10), n_exits=3)
+    spread_confidences(net, torch.randn(32, 3, 32, 32))
+    net.threshold = 0.6
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def saved(net, tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("io") / "eenet20.safetensors")
+    save(net, path)
+    return path
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def assert_same_inference(a: earlyexit.EarlyExitNet, b: earlyexit.EarlyExitNet, x) -> None:
+    ra, rb = a.early_exit(x), b.early_exit(x)
+    torch.testing.assert_close(rb.logits, ra.logits, rtol=0, atol=0)
+    torch.testing.assert_close(rb.exit_index, ra.exit_index, rtol=0, atol=0)
+    torch.testing.assert_close(rb.cost, ra.cost, rtol=0, atol=0)
+
+
+def test_round_trip_rebuilds_the_timm_net(net, saved, x):
+    loaded = load(saved)
+    assert not loaded.training
+    assert loaded.exit_names == net.exit_names
+    assert loaded.config == net.config
+    assert loaded.threshold == 0.6
+    assert loaded.stage_macs == net.stage_macs and loaded.head_macs == net.head_macs
+    torch.testing.assert_close(loaded.exit_costs, net.exit_costs, rtol=0, atol=0)
+    assert set(loaded.early_exit(x).exit_index.tolist()) == {0, 1, 2, 3}
+    assert_same_inference(net, loaded, x)
+
+
+def test_round_trip_test_resnet(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=7)
+    net = earlyexit.convert(model, n_exits=2, dist="linear", input_size=(3, 48, 48)).eval()
+    path = tmp_path / "test_resnet.safetensors"
+    save(net, path)
+    meta = read_metadata(path)
+    assert meta["backbone"]["architecture"] == "test_resnet"
+    assert meta["backbone"]["kwargs"] == {"num_classes": 7, "in_chans": 3}
+    assert_same_inference(net, load(path), torch.randn(4, 3, 48, 48))
+
+
+def test_load_does_not_profile(saved, monkeypatch):
+    import earlyexit.flops
+
+    def fail(*args, **kwargs):
+        raise AssertionError("load must not count MACs")
+
+    monkeypatch.setattr(earlyexit.flops, "_analysis", fail)
+    assert load(saved).num_exits == 3
+
+
+def test_metadata_describes_the_net(net, saved):
+    meta = read_metadata(saved)
+    assert meta["format_version"] == FORMAT_VERSION
+    assert meta["library_version"] == earlyexit.__version__
+    assert earlyexit.EarlyExitConfig.from_dict(meta["config"]) == net.config
+    assert meta["backbone"]["architecture"] == "resnet20"
+    assert meta["backbone"]["kwargs"] == {"num_classes": 10, "in_chans": 3}
+    assert meta["input_size"] == [3, 32, 32]
+    assert meta["exit_names"] == net.exit_names
+    assert meta["exit_type"] == "pool"
+    assert meta["stage_macs"] == net.stage_macs and meta["head_macs"] == net.head_macs
+    assert meta["exit_costs"] == pytest.approx(net.exit_costs.tolist())
+    assert meta["threshold"] == 0.6
+    assert meta["dtype"] == "float32"
+    with safe_open(saved, framework="pt") as f:
+        assert sorted(f.keys()) == sorted(net.state_dict())
+        assert f.metadata()["format"] == "pt"
+
+
+def test_load_into_a_given_backbone(net, saved, x):
+    model = timm.create_model("resnet20", num_classes=10)
+    loaded = load(saved, backbone=model)
+    assert loaded.backbone is model
+    torch.testing.assert_close(model.fc.weight, net.backbone.fc.weight, rtol=0, atol=0)
+    assert_same_inference(net, loaded, x)
+
+
+def test_non_timm_backbone_needs_to_be_given(tmp_path):
+    torch.manual_seed(0)
+    net = earlyexit.convert(ToyNet(), n_exits=2, input_size=(3, 16, 16)).eval()
+    path = tmp_path / "toy.safetensors"
+    save(net, path)
+    assert read_metadata(path)["backbone"]["architecture"] is None
+    with pytest.raises(CheckpointError, match="backbone=model"):
+        load(path)
+    assert_same_inference(net, load(path, backbone=ToyNet()), torch.randn(5, 3, 16, 16))
+
+
+def test_tied_tensors_are_saved(tmp_path, x):
+    torch.manual_seed(0)
+    net = earlyexit.convert(timm.create_model("resnet20"), n_exits=3).eval()
+    assert net.heads[0].shape == net.heads[1].shape
+    net.heads[1].classifier.weight = net.heads[0].classifier.weight
+    path = tmp_path / "tied.safetensors"
+    save(net, path)
+    loaded = load(path)
+    torch.testing.assert_close(
+        loaded.heads[1].classifier.weight, net.heads[0].classifier.weight, rtol=0, atol=0
+    )
+    assert_same_inference(net, loaded, x)
+
+
+def test_bfloat16_round_trip(tmp_path):
+    torch.manual_seed(0)
+    net = earlyexit.convert(timm.create_model("resnet20"), n_exits=2).eval()
+    net.to(torch.bfloat16)
+    path = tmp_path / "bf16.safetensors"
+    save(net, path)
+    loaded = load(path)
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_save_is_atomic(net, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"old content")
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save(net, path)
+    assert os.listdir(tmp_path) == ["model.safetensors"]
+    assert path.read_bytes() == b"old content"
+
+
+def test_save_rejects_other_modules(tmp_path):
+    with pytest.raises(TypeError, match="EarlyExitNet"):
+        save(nn.Linear(2, 2), tmp_path / "x.safetensors")
+
+
+def _rewrite(src: str, dst, *, tensors=None, meta_update=None, drop_meta=False) -> None:
+    with safe_open(src, framework="pt") as f:
+        metadata = dict(f.metadata())
+    state = load_file(src) if tensors is None else tensors
+    doc = json.loads(metadata[METADATA_KEY])
+    doc.update(meta_update or {})
+    metadata[METADATA_KEY] = json.dumps(doc)
+    if drop_meta:
+        del metadata[METADATA_KEY]
+    save_file(state, str(dst), metadata=metadata)
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError):
+        load("/nonexistent/dir/model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "not_safetensors",
+        "empty",
+        "truncated",
+        "truncated_header",
+        "flipped_byte",
+        "no_metadata",
+        "bad_metadata",
+        "newer_version",
+        "missing_tensor",
+        "extra_tensor",
+    ],
+)
+def test_damaged_files_raise_checkpoint_error(saved, tmp_path, damage):
+    bad = tmp_path / "bad.safetensors"
+    data = Path(saved).read_bytes()
+    if damage == "not_safetensors":
+        bad.write_bytes(b"PK\x03\x04 this is a zip file, not a safetensors file" * 20)
+    elif damage == "empty":
+        bad.write_bytes(b"")
+    elif damage == "truncated":
+        bad.write_bytes(data[: len(data) // 2])
+    elif damage == "truncated_header":
+        bad.write_bytes(data[:40])
+    elif damage == "flipped_byte":
+        corrupt = bytearray(data)
+        corrupt[-123] ^= 0x40
+        bad.write_bytes(bytes(corrupt))
+    elif damage == "no_metadata":
+        _rewrite(saved, bad, drop_meta=True)
+    elif damage == "bad_metadata":
+        _rewrite(saved, bad, meta_update={"config": {"n_exits": -1}, "sha256": None})
+    elif damage == "newer_version":
+        _rewrite(saved, bad, meta_update={"format_version": FORMAT_VERSION + 1})
+    elif damage == "missing_tensor":
+        state = load_file(saved)
+        del state["heads.1.confidence.bias"]
+        _rewrite(saved, bad, tensors=state, meta_update={"sha256": None})
+    elif damage == "extra_tensor":
+        state = load_file(saved)
+        state["heads.9.weight"] = torch.zeros(2)
+        _rewrite(saved, bad, tensors=state, meta_update={"sha256": None})
+    with pytest.raises(CheckpointError, match="Hint"):
+        load(bad)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: timm.create_model("resnet32", num_classes=10),
+        lambda: timm.create_model("resnet20", num_classes=100),
+        lambda: ToyNet(),
+    ],
+    ids=["deeper", "other_classes", "other_model"],
+)
+def test_wrong_backbone_is_refused_and_left_untouched(saved, make):
+    model = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="Hint"):
+        load(saved, backbone=model)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_round_trip_in_a_fresh_process(net, saved, x, tmp_path):
+    inputs = tmp_path / "inputs.safetensors"
+    outputs = tmp_path / "outputs.safetensors"
+    save_file({"x": x}, str(inputs))
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from safetensors.torch import load_file, save_file
+        from earlyexit.io import load
+        net = load({saved!r})
+        r = net.early_exit(load_file({str(inputs)!r})["x"])
+        save_file({{"logits": r.logits, "exit_index": r.exit_index, "cost": r.cost}},
+                  {str(outputs)!r})
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    got = load_file(str(outputs))
+    expected = net.early_exit(x)
+    torch.testing.assert_close(got["logits"], expected.logits, rtol=0, atol=0)
+    torch.testing.assert_close(got["exit_index"], expected.exit_index, rtol=0, atol=0)
+    torch.testing.assert_close(got["cost"], expected.cost, rtol=0, atol=0)
