@@ -62,14 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None)
     p.set_defaults(func=_profile)
 
-    try:
-        from earlyexit.demo import add_demo_arguments
-    except ImportError:  # the demo module is optional while it is being written
-        add_demo_arguments = None
-    if add_demo_arguments is not None:
-        d = sub.add_parser("demo", help="train EENet-8 on built-in data and compare the losses")
-        add_demo_arguments(d)
-        d.set_defaults(func=_demo)
+    from earlyexit.demo import add_demo_arguments
+
+    d = sub.add_parser("demo", help="train EENet-8 on built-in data and compare the losses")
+    add_demo_arguments(d)
+    d.set_defaults(func=_demo)
     return parser
 
 
