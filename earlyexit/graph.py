@@ -86,6 +86,7 @@ class _PathTracer(fx.Tracer):
         self._path = ""
         self.node_scope: dict[fx.Node, str] = {}
         self.module_output: dict[fx.Node, str] = {}
+        self.module_outputs: dict[fx.Node, set[str]] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self._timm_leaves):
@@ -102,6 +103,7 @@ class _PathTracer(fx.Tracer):
         if isinstance(out, fx.Proxy) and self.path_of_module(m):
             # The outermost module wins: its call returns last.
             self.module_output[out.node] = self.path_of_module(m)
+            self.module_outputs.setdefault(out.node, set()).add(self.path_of_module(m))
         return out
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
@@ -250,6 +252,8 @@ def _trace_one(model: nn.Module, training: bool) -> tuple[fx.GraphModule, dict[s
     by_name = {q: n for n, q in names.items()}
     for node, q in names.items():
         node.meta["qualname"] = q
+        node.meta["scope"] = tracer.node_scope.get(node, "")
+        node.meta["module_outputs"] = frozenset(tracer.module_outputs.get(node, ()))
     return gm, by_name
 
 
@@ -615,20 +619,45 @@ def trace_model(model: nn.Module, input_size: tuple[int, ...]) -> TracedModel:
         )
     for gm in (eval_gm, train_gm):
         _attach_size_specs(gm, example, recorded=gm is eval_gm, model_name=name)
-    cut_points = []
+    features = []
     for node in _cut_nodes(eval_gm):
         meta = node.meta.get("tensor_meta")
         shape = getattr(meta, "shape", None)
         if (
-            shape is None
-            or len(shape) not in (3, 4)
-            or shape[0] != batch
-            or not meta.dtype.is_floating_point
+            shape is not None
+            and len(shape) in (3, 4)
+            and shape[0] == batch
+            and meta.dtype.is_floating_point
         ):
-            continue
-        axis = _channel_axis(node, eval_gm, shape)
-        cut_points.append(CutPoint(node.meta["qualname"], tuple(shape[1:]), axis))
+            features.append(node)
+    cut_points = [
+        CutPoint(n.meta["qualname"], tuple(n.meta["tensor_meta"].shape[1:]), axis)
+        for n in _block_outputs_only(features)
+        for axis in [_channel_axis(n, eval_gm, n.meta["tensor_meta"].shape)]
+    ]
     return TracedModel(eval_gm, train_gm, cut_points, tuple(input_size), int(out.shape[1]))
+
+
+def _block_outputs_only(cuts: list[fx.Node]) -> list[fx.Node]:
+    """Drop the cut points inside a module whose own output is also a cut point.
+
+    At most one exit per block, seeing the block's output: a ViT block's first residual sum
+    or a ConvNeXt downsample's permute is inside a module (the block, the norm) whose output
+    is a cut point too. A cut point that is the output of a module nested in that module
+    (a block's output inside its stage) stays.
+    """
+    blocks = set().union(*(n.meta["module_outputs"] for n in cuts)) if cuts else set()
+
+    def within(path: str, module: str) -> bool:
+        return path == module or path.startswith(module + ".")
+
+    def inside_a_block(node: fx.Node) -> bool:
+        scope, outputs = node.meta["scope"], node.meta["module_outputs"]
+        return any(
+            within(scope, block) and not any(within(o, block) for o in outputs) for block in blocks
+        )
+
+    return [n for n in cuts if not inside_a_block(n)]
 
 
 def _find(graph: fx.Graph, name: str) -> fx.Node:

@@ -97,11 +97,17 @@ def place_exits(fractions: Sequence[float], targets: Sequence[float]) -> list[in
     for i, target in enumerate(targets):
         pick = next((k for k in range(start, len(fractions)) if fractions[k] >= target), None)
         if pick is None:
+            taken = (
+                f"exits 0..{i - 1} took the ones up to index {start - 1}"
+                if i
+                else "none of them reaches it"
+            )
             raise PlacementError(
                 f"Exit {i} (target cost fraction {target:.3f}) has no candidate left: the model "
-                f"has {len(fractions)} candidate exit points and exits 0..{i - 1} took "
-                f"the ones up to index {start - 1}. Hint: `earlyexit.profile(model)` lists them; "
-                "use fewer exits or another `dist`."
+                f"has {len(fractions)} candidate exit points and {taken}. Hint: "
+                "`earlyexit.profile(model)` lists them; use fewer exits or another `dist`. "
+                "A model with few or only early candidates keeps values computed early alive "
+                "until its head (parallel streams, or a head that fuses several stages)."
             )
         chosen.append(pick)
         start = pick + 1

@@ -38,7 +38,7 @@ TIMM_MODELS: list[tuple[str, dict[str, Any], int]] = [
     ("ghostnet_050", {}, 64),
     ("mobilevit_xxs", {}, 64),
     ("test_vit", {"img_size": 64}, 64),
-    ("deit_tiny_distilled_patch16_224", {"img_size": 64, "depth": 3}, 64),
+    ("deit_tiny_distilled_patch16_224", {"img_size": 64, "depth": 4}, 64),
     (
         "swin_tiny_patch4_window7_224",
         {
@@ -57,8 +57,8 @@ TIMM_MODELS: list[tuple[str, dict[str, Any], int]] = [
     ("test_coatnet", {"img_size": 64}, 64),
     ("pvt_v2_b0", {}, 64),
     ("twins_pcpvt_small", {"depths": (1, 1, 1, 1)}, 64),
-    ("xcit_nano_12_p16_224", {"img_size": 64, "depth": 2}, 64),
-    ("cait_xxs24_224", {"img_size": 64, "depth": 2}, 64),
+    ("xcit_nano_12_p16_224", {"img_size": 64, "depth": 4}, 64),
+    ("cait_xxs24_224", {"img_size": 64, "depth": 4}, 64),
     ("edgenext_xx_small", {}, 64),
     ("fastvit_t8", {}, 64),
     ("efficientvit_b0", {}, 64),
@@ -69,7 +69,7 @@ TIMM_MODELS: list[tuple[str, dict[str, Any], int]] = [
     ("test_mambaout", {}, 64),
     ("dpn48b", {}, 64),
     ("mixer_s32_224", {"img_size": 64}, 64),
-    ("eva02_tiny_patch14_224", {"img_size": 56, "depth": 2}, 56),
+    ("eva02_tiny_patch14_224", {"img_size": 56, "depth": 4}, 56),
 ]
 
 # (name, constructor arguments, input side); `torchvision.models.get_model(name, ...)`.
