@@ -76,6 +76,7 @@ def save(net: EarlyExitNet, path: str | os.PathLike[str]) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes it private (0600)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -280,6 +281,16 @@ def _rebuild(
     }
     net = EarlyExitNet(backbone, heads, stages, config, traced.num_classes, stage_macs, head_macs)
     return net.train(backbone.training)
+
+
+def _file_mode(path: str) -> int:
+    """The mode a plain `open(path, "wb")` would give: the old file's, else 0666 less umask."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _unshared_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

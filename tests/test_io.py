@@ -192,6 +192,14 @@ def test_save_is_atomic(net, tmp_path, monkeypatch):
     assert path.read_bytes() == b"old content"
 
 
+def test_saved_file_is_not_private(net, tmp_path):
+    path = tmp_path / "shared.safetensors"
+    save(net, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_save_rejects_other_modules(tmp_path):
     with pytest.raises(TypeError, match="EarlyExitNet"):
         save(nn.Linear(2, 2), tmp_path / "x.safetensors")
