@@ -23,15 +23,7 @@ from earlyexit.calibrate import (
     tradeoff_curve,
 )
 
-
-def spread_confidences(net: earlyexit.EarlyExitNet, x: torch.Tensor) -> None:
-    """Rescale the untrained confidence branches so that h_i spreads over (0, 1) on `x`."""
-    with torch.no_grad():
-        out = net.eval().forward_all(x)
-        for head, a in zip(net.heads, out.confidence_logits, strict=True):
-            scale = a.std().clamp_min(1e-12) / 1.5
-            head.confidence.bias.copy_((head.confidence.bias - a.mean()) / scale)
-            head.confidence.weight.div_(scale)
+from toy_models import spread_confidences
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,9 @@ import torch
 import earlyexit
 from earlyexit.export import ExportedEarlyExit, export_onnx, export_stages
 
+from toy_models import spread_confidences
+
 NEVER = 2.0
-
-
-def spread_confidences(net: earlyexit.EarlyExitNet, x: torch.Tensor) -> None:
-    """Rescale the untrained confidence branches so that h_i spreads over (0, 1) on `x`."""
-    with torch.no_grad():
-        out = net.eval().forward_all(x)
-        for head, a in zip(net.heads, out.confidence_logits, strict=True):
-            scale = a.std().clamp_min(1e-12) / 1.5
-            head.confidence.bias.copy_((head.confidence.bias - a.mean()) / scale)
-            head.confidence.weight.div_(scale)
 
 
 SIZE = (1, 28, 28)  # resnet8, the paper's MNIST model: the quickest to export

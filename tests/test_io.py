@@ -20,15 +20,7 @@ import earlyexit
 from earlyexit.errors import CheckpointError
 from earlyexit.io import FORMAT_VERSION, METADATA_KEY, load, read_metadata, save
 
-
-def spread_confidences(net: earlyexit.EarlyExitNet, x: torch.Tensor) -> None:
-    """Rescale the untrained confidence branches so that h_i spreads over (0, 1) on `x`."""
-    with torch.no_grad():
-        out = net.eval().forward_all(x)
-        for head, a in zip(net.heads, out.confidence_logits, strict=True):
-            scale = a.std().clamp_min(1e-12) / 1.5
-            head.confidence.bias.copy_((head.confidence.bias - a.mean()) / scale)
-            head.confidence.weight.div_(scale)
+from toy_models import spread_confidences
 
 
 class ToyNet(nn.Module):

@@ -1,4 +1,4 @@
-"""Hand-written models for the tests."""
+"""Hand-written models and helpers for the tests."""
 
 from __future__ import annotations
 
@@ -50,3 +50,13 @@ class BranchyNet(ToyNet):
         if x.sum() > 0:
             x = x * 2
         return super().forward(x)
+
+
+def spread_confidences(net, x: torch.Tensor) -> None:
+    """Rescale the untrained confidence branches so that h_i spreads over (0, 1) on `x`."""
+    with torch.no_grad():
+        out = net.eval().forward_all(x)
+        for head, a in zip(net.heads, out.confidence_logits, strict=True):
+            scale = a.std().clamp_min(1e-12) / 1.5
+            head.confidence.bias.copy_((head.confidence.bias - a.mean()) / scale)
+            head.confidence.weight.div_(scale)
