@@ -18,16 +18,18 @@ at exit i, exactly the chosen number have a_i >= 0 (h_i >= 0.5 = T): the bias go
 between the two logits that separate leavers from stayers. The confidences stay a function of
 the input, so which samples leave is decided by the data, as in a trained net, and the mix of
 exits inside each batch is as random as the inputs. The achieved histogram is measured by
-running `early_exit` and printed; the mean cost in the efficiency is the achieved one.
+running `early_exit` and printed; the mean cost in the efficiency is the achieved one (with
+`--amp` it can miss the target by a few samples: bfloat16 rounds the confidences coarsely).
 
 Timings are interleaved (original, no-exit and early-exit take turns in each round, in a
-shuffled order); by default
-each function's fastest round is used (`--stat min`), since other processes only ever add time,
-or else the medians over rounds of the per-round ratios (`--stat median`). On a shared
-machine, `--clock process` times this process's CPU time instead of the wall clock. By default
-glibc's allocator is tuned first (`--malloc tuned`, see `tune_malloc`): with its defaults every
-activation is page-faulted in afresh, which costs 15-25 % of a CPU forward pass and differs
-between the original module and the traced stages, drowning what is being measured.
+shuffled order); by default each function's fastest round is used (`--stat min`), since other
+processes only ever add time, or else the medians over rounds of the per-round ratios
+(`--stat median`). On a shared machine, `--clock process` times this process's CPU time
+instead of the wall clock, and `--threads 1` avoids OpenMP threads spinning at barriers while a
+sibling thread is descheduled (or set `OMP_WAIT_POLICY=PASSIVE`). By default glibc's allocator
+is tuned first (`--malloc tuned`, see `tune_malloc`): with its defaults every activation is
+page-faulted in afresh, which costs 15-25 % of a CPU forward pass and differs between the
+original module and the traced stages, drowning what is being measured.
 
     python benchmarks/speed.py --model resnet110 --n-exits 10 --batch-sizes 256 --threads 2
     python benchmarks/speed.py --batch-sizes 1 4 16 64 256 --pattern uniform --json speed.json
@@ -40,6 +42,7 @@ import argparse
 import contextlib
 import ctypes
 import json
+import logging
 import math
 import os
 import platform
@@ -52,9 +55,12 @@ from dataclasses import asdict, dataclass, field
 
 import timm
 import torch
-from torch.utils.benchmark import Timer
 
-import earlyexit
+# torch.utils.benchmark imports cpp_extension, which warns on machines without CUDA.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+from torch.utils.benchmark import Timer  # noqa: E402
+
+import earlyexit  # noqa: E402
 
 NEVER = 2.0  # a threshold above 1: no sample leaves early
 
@@ -225,12 +231,12 @@ def measure(
     samples = batch_size * max(1, math.ceil(args.samples / batch_size))
     gen = torch.Generator().manual_seed(args.seed)
     data = torch.randn(samples, *size, generator=gen).to(device)
-    force_pattern(net, data, apportion(shares, samples))
-    net.threshold = 0.5
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     if args.channels_last:
-        net = net.to(memory_format=memory_format)
-        data = data.contiguous(memory_format=memory_format)
+        net = net.to(memory_format=torch.channels_last)
+        data = data.contiguous(memory_format=torch.channels_last)
+    with autocast(device, args.amp):  # the pattern holds for the numerics that are timed
+        force_pattern(net, data, apportion(shares, samples))
+    net.threshold = 0.5
     batches = list(data.split(batch_size))
     original: Callable[[torch.Tensor], object] = net.backbone
     if args.compile:
