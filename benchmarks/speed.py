@@ -480,9 +480,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.json:
         payload = {
-            "args": vars(args),
+            "args": {k: v for k, v in vars(args).items() if k != "json"},
             "torch": torch.__version__,
             "cores": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name() if "cuda" in devices else None,
             "rows": [asdict(r) for r in rows],
             "stage_profiles": profiles,
         }

@@ -8,6 +8,7 @@ exactly as `EarlyExitNet.early_exit` does.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -156,22 +157,48 @@ def export_stages(net: EarlyExitNet, example: torch.Tensor) -> ExportedEarlyExit
     if not isinstance(net, EarlyExitNet):
         raise TypeError(f"Expected `net` to be an EarlyExitNet, got {type(net).__name__}.")
     example = _example_batch(net, example)
-    was_training = net.training
-    net.eval()
+    device = net.exit_costs.device
+    source = net
+    if device.type != "cpu":
+        # On CUDA, convolutions add guards on the batch size (cuDNN's 65535 limit, and 2 as
+        # the lowest size seen) that a batch axis reaching down to one sample cannot meet. The
+        # graph is the same on every device: export a CPU copy, then move the programs.
+        source = copy.deepcopy(net).cpu()
+        example = example.cpu()
+    was_training = source.training
+    source.eval()
     try:
-        inputs = _stage_inputs(net, example)
+        inputs = _stage_inputs(source, example)
         batch = torch.export.Dim("batch", min=1)
         stages, heads = [], []
-        for i, stage in enumerate(net.stages(training=False)):
+        for i, stage in enumerate(source.stages(training=False)):
             stages.append(_export(stage, inputs[i], batch, f"stage {i}"))
-            if i < net.num_exits:
+            if i < source.num_exits:
                 feature = inputs[i + 1]
-                heads.append(_export(_HeadOutputs(net.heads[i]), feature, batch, f"head {i}"))
+                head = _HeadOutputs(source.heads[i])
+                heads.append(_export(head, feature, batch, f"head {i}"))
     finally:
-        net.train(was_training)
+        source.train(was_training)
+    if device.type != "cpu":
+        stages = [_to_device(ep, device) for ep in stages]
+        heads = [_to_device(ep, device) for ep in heads]
     return ExportedEarlyExit(
         stages, heads, net.exit_costs, net.threshold, net.num_classes, net.exit_names
     )
+
+
+def _to_device(
+    program: torch.export.ExportedProgram, device: torch.device
+) -> torch.export.ExportedProgram:
+    try:
+        from torch.export.passes import move_to_device_pass
+    except ImportError as err:
+        raise EarlyExitError(
+            f"Moving exported programs to {device} needs torch >= 2.6 "
+            f"(torch.export.passes.move_to_device_pass), this is torch {torch.__version__}. "
+            "Hint: export the net on the CPU and run the runner there, or upgrade torch."
+        ) from err
+    return move_to_device_pass(program, device)
 
 
 def _export(

@@ -137,5 +137,8 @@ def test_cuda_save_load_and_export(tmp_path):
     torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
     runner = export_stages(net, x[:2])
     c = runner(x)
+    assert c.logits.device.type == "cuda"
     assert torch.equal(c.exit_index, a.exit_index)
     torch.testing.assert_close(c.logits, a.logits, rtol=1e-4, atol=1e-4)
+    one = runner(x[:1])  # a batch axis that reaches down to a single sample
+    assert torch.equal(one.exit_index, a.exit_index[:1])
