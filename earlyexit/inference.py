@@ -45,10 +45,11 @@ def exit_mask(confidence_logits: torch.Tensor, threshold: float) -> torch.Tensor
 
 
 def _select(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    out = x.index_select(0, index)
+    """The rows `index` of `x`, in one copy that keeps a channels-last layout."""
     if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
+        # (B, H, W, C) is contiguous: select there, and the result is channels-last again.
+        return x.permute(0, 2, 3, 1).index_select(0, index).permute(0, 3, 1, 2)
+    return x.index_select(0, index)
 
 
 def run_early_exit(

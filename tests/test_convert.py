@@ -12,11 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import earlyexit
-from earlyexit.inference import exit_mask
+from earlyexit.inference import _select, exit_mask
 from earlyexit.placement import place_exits
 
 from toy_models import BranchyNet, FeatureNet, ToyNet
 
+CL = torch.channels_last
 DISTRIBUTIONS = ["pareto", "golden_ratio", "fine", "linear", "quadratic"]
 EXIT_TYPES = ["plain", "pool", "bnpool"]
 
@@ -227,6 +228,15 @@ def test_channels_last_autocast_and_dtype_moves():
     assert amp.logits.shape == ref.logits.shape and amp.logits.dtype == torch.bfloat16
     assert r64.logits.dtype == torch.float64
     assert net64.exit_costs.dtype == torch.float64
+
+
+def test_compaction_keeps_the_memory_layout():
+    index = torch.tensor([4, 0, 2])
+    for x in (torch.randn(5, 3, 4, 6), torch.randn(5, 3, 4, 6).to(memory_format=CL)):
+        out = _select(x, index)
+        assert torch.equal(out, x[index])
+        layout = CL if x.is_contiguous(memory_format=CL) else torch.contiguous_format
+        assert out.is_contiguous(memory_format=layout)
 
 
 @pytest.mark.gpu
