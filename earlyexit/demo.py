@@ -94,20 +94,16 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         default="data",
         help="folder holding MNIST/raw, for --dataset mnist (default ./data)",
     )
-    parser.add_argument(
+    _add_per_dataset_option(
+        parser,
         "--epochs",
-        type=int,
-        default=None,
-        help=f"training epochs per model (default {DEFAULT_EPOCHS['digits']} for digits, "
-        f"{DEFAULT_EPOCHS['mnist']} for mnist; the paper trains 20 on MNIST)",
+        int,
+        DEFAULT_EPOCHS,
+        "training epochs per model (default {}; the paper trains 20 on MNIST)",
     )
     parser.add_argument("--lam", type=float, default=1.0, help="λ of the losses (default 1.0)")
-    parser.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help=f"Adam learning rate (default {DEFAULT_LR['digits']:g} for digits, "
-        f"{DEFAULT_LR['mnist']:g} for mnist, the paper's)",
+    _add_per_dataset_option(
+        parser, "--lr", float, DEFAULT_LR, "Adam learning rate (default {}, the paper's)"
     )
     parser.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data split and init (0)")
@@ -122,6 +118,21 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", default="earlyexit-demo", help="folder for the plot (default ./earlyexit-demo)"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_per_dataset_option(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    kind: type,
+    defaults: dict[str, float],
+    text: str,
+) -> None:
+    """Add an option whose default depends on `--dataset`: None here, `defaults` in `run_demo`.
+
+    The `{}` in `text` becomes the defaults, as in `8 for digits, 2 for mnist`.
+    """
+    per_dataset = ", ".join(f"{value:g} for {name}" for name, value in defaults.items())
+    parser.add_argument(flag, type=kind, default=None, help=text.format(per_dataset))
 
 
 def load_digits_data(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:

@@ -8,13 +8,14 @@ exactly as `EarlyExitNet.early_exit` does.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
 import os
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -130,6 +131,37 @@ class _HeadOutputs(nn.Module):
         return z, a
 
 
+class _Piece(NamedTuple):
+    """One module to export on its own: a stage or an exit head, with an example input."""
+
+    kind: str  # "stage" or "head"
+    index: int
+    module: nn.Module
+    example: torch.Tensor
+
+    @property
+    def name(self) -> str:
+        """`stage 0`, `head 0`, ...: how errors name the piece."""
+        return f"{self.kind} {self.index}"
+
+
+@contextlib.contextmanager
+def _eval_pieces(net: EarlyExitNet, example: torch.Tensor) -> Iterator[list[_Piece]]:
+    """The eval-mode stages and heads in execution order, the net in eval mode meanwhile."""
+    was_training = net.training
+    net.eval()
+    try:
+        inputs = _stage_inputs(net, example)
+        pieces = []
+        for i, stage in enumerate(net.stages(training=False)):
+            pieces.append(_Piece("stage", i, stage, inputs[i]))
+            if i < net.num_exits:
+                pieces.append(_Piece("head", i, _HeadOutputs(net.heads[i]), inputs[i + 1]))
+        yield pieces
+    finally:
+        net.train(was_training)
+
+
 def export_stages(net: EarlyExitNet, example: torch.Tensor) -> ExportedEarlyExit:
     """Export each stage and exit head with `torch.export`, with a dynamic batch axis.
 
@@ -165,25 +197,21 @@ def export_stages(net: EarlyExitNet, example: torch.Tensor) -> ExportedEarlyExit
         # graph is the same on every device: export a CPU copy, then move the programs.
         source = copy.deepcopy(net).cpu()
         example = example.cpu()
-    was_training = source.training
-    source.eval()
-    try:
-        inputs = _stage_inputs(source, example)
-        batch = torch.export.Dim("batch", min=1)
-        stages, heads = [], []
-        for i, stage in enumerate(source.stages(training=False)):
-            stages.append(_export(stage, inputs[i], batch, f"stage {i}"))
-            if i < source.num_exits:
-                feature = inputs[i + 1]
-                head = _HeadOutputs(source.heads[i])
-                heads.append(_export(head, feature, batch, f"head {i}"))
-    finally:
-        source.train(was_training)
-    if device.type != "cpu":
-        stages = [_to_device(ep, device) for ep in stages]
-        heads = [_to_device(ep, device) for ep in heads]
+    batch = torch.export.Dim("batch", min=1)
+    programs: dict[str, list[torch.export.ExportedProgram]] = {"stage": [], "head": []}
+    with _eval_pieces(source, example) as pieces:
+        for piece in pieces:
+            program = _export(piece.module, piece.example, batch, piece.name)
+            if device.type != "cpu":
+                program = _to_device(program, device)
+            programs[piece.kind].append(program)
     return ExportedEarlyExit(
-        stages, heads, net.exit_costs, net.threshold, net.num_classes, net.exit_names
+        programs["stage"],
+        programs["head"],
+        net.exit_costs,
+        net.threshold,
+        net.num_classes,
+        net.exit_names,
     )
 
 
@@ -253,21 +281,12 @@ def export_onnx(net: EarlyExitNet, directory: str | os.PathLike[str]) -> list[st
     device = param.device if param is not None else torch.device("cpu")
     example = torch.zeros(2, *net.input_size, device=device)
     paths = []
-    was_training = net.training
-    net.eval()
-    try:
-        inputs = _stage_inputs(net, example)
-        for i, stage in enumerate(net.stages(training=False)):
-            path = os.path.join(directory, f"stage_{i}.onnx")
-            _to_onnx(stage, inputs[i], path, ["y"], dynamo, f"stage {i}")
+    with _eval_pieces(net, example) as pieces:
+        for piece in pieces:
+            path = os.path.join(directory, f"{piece.kind}_{piece.index}.onnx")
+            outputs = _ONNX_OUTPUTS[piece.kind]
+            _to_onnx(piece.module, piece.example, path, outputs, dynamo, piece.name)
             paths.append(path)
-            if i < net.num_exits:
-                path = os.path.join(directory, f"head_{i}.onnx")
-                head = _HeadOutputs(net.heads[i])
-                _to_onnx(head, inputs[i + 1], path, ["logits", "confidence"], dynamo, f"head {i}")
-                paths.append(path)
-    finally:
-        net.train(was_training)
     meta = {
         "num_exits": net.num_exits,
         "num_classes": net.num_classes,
@@ -284,34 +303,36 @@ def export_onnx(net: EarlyExitNet, directory: str | os.PathLike[str]) -> list[st
     return paths
 
 
+#: The output names of each kind of piece in the ONNX files.
+_ONNX_OUTPUTS = {"stage": ["y"], "head": ["logits", "confidence"]}
+
+
+@contextlib.contextmanager
+def _no_warnings() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def _to_onnx(
     module: nn.Module, x: torch.Tensor, path: str, outputs: list[str], dynamo: bool, what: str
 ) -> None:
     try:
         if dynamo:
-            batch = torch.export.Dim("batch", min=1)
+            axes: dict[str, Any] = {"dynamic_shapes": ({0: torch.export.Dim("batch", min=1)},)}
+        else:
+            axes = {"dynamic_axes": {name: {0: "batch"} for name in ["x", *outputs]}}
+        # Only the TorchScript-based exporter's (many) warnings are silenced.
+        with contextlib.nullcontext() if dynamo else _no_warnings():
             torch.onnx.export(
                 module,
                 (x,),
                 path,
                 input_names=["x"],
                 output_names=outputs,
-                dynamic_shapes=({0: batch},),
-                dynamo=True,
+                dynamo=dynamo,
+                **axes,
             )
-        else:
-            axes = {name: {0: "batch"} for name in ["x", *outputs]}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    module,
-                    (x,),
-                    path,
-                    input_names=["x"],
-                    output_names=outputs,
-                    dynamic_axes=axes,
-                    dynamo=False,
-                )
     except Exception as err:
         raise EarlyExitError(
             f"ONNX export failed on {what} ({type(err).__name__}: {err}). Hint: use "

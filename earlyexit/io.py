@@ -28,9 +28,8 @@ import torch
 from torch import nn
 
 from earlyexit.errors import CheckpointError, EarlyExitError
-from earlyexit.graph import split_stages, trace_model
-from earlyexit.heads import ExitHead
-from earlyexit.model import EarlyExitConfig, EarlyExitNet
+from earlyexit.graph import trace_model
+from earlyexit.model import EarlyExitConfig, EarlyExitNet, _assemble
 
 __all__ = ["FORMAT_VERSION", "METADATA_KEY", "load", "read_metadata", "save"]
 
@@ -269,18 +268,7 @@ def _rebuild(
                 f"exit {i} ({cut.name}) sees a feature of shape {cut.shape} (channel axis "
                 f"{cut.channel_axis}), but the file was saved with {shape} (channel axis {axis})."
             )
-    heads = [
-        ExitHead(config.exit_type, c.shape, c.channel_axis, traced.num_classes) for c in chosen
-    ]
-    param = next(iter(backbone.parameters()), None)
-    if param is not None:
-        heads = [h.to(device=param.device, dtype=param.dtype) for h in heads]
-    stages = {
-        False: split_stages(traced.eval_graph, config.exit_names),
-        True: split_stages(traced.train_graph, config.exit_names),
-    }
-    net = EarlyExitNet(backbone, heads, stages, config, traced.num_classes, stage_macs, head_macs)
-    return net.train(backbone.training)
+    return _assemble(backbone, traced, config, chosen, stage_macs, head_macs)
 
 
 def _file_mode(path: str) -> int:

@@ -12,8 +12,14 @@ import torch
 from torch import nn
 
 from earlyexit.errors import PlacementError
-from earlyexit.flops import FlopProfile, count_macs, profile_traced, resolve_input_size
-from earlyexit.graph import split_stages, trace_model
+from earlyexit.flops import (
+    Candidate,
+    FlopProfile,
+    count_macs,
+    profile_traced,
+    resolve_input_size,
+)
+from earlyexit.graph import CutPoint, TracedModel, split_stages, trace_model
 from earlyexit.heads import ExitHead, canonical_exit_type
 from earlyexit.inference import check_threshold, run_early_exit
 from earlyexit.outputs import EarlyExitResult, ExitOutputs
@@ -306,22 +312,46 @@ def convert(
     picks = _choose_exits(prof, config, type(model).__name__)
     chosen = [prof.candidates[k] for k in picks]
     config.exit_names = [c.name for c in chosen]
+    cumulative = [c.cumulative_macs for c in chosen] + [prof.total_macs]
+    stage_macs = [b - a for a, b in zip([0, *cumulative[:-1]], cumulative)]
+    return _assemble(model, traced, config, chosen, stage_macs)
 
+
+def _assemble(
+    model: nn.Module,
+    traced: TracedModel,
+    config: EarlyExitConfig,
+    cuts: Sequence[CutPoint | Candidate],
+    stage_macs: Sequence[int],
+    head_macs: Sequence[int] | None = None,
+) -> EarlyExitNet:
+    """Put exit heads on a traced model and split it into stages at `config.exit_names`.
+
+    Args:
+        model: the backbone that `traced` was traced from.
+        traced: the model traced in eval and train mode.
+        config: a resolved config (its `exit_names` and `input_size` set).
+        cuts: per exit, the cut point it sits after (for the feature's shape and channel axis).
+        stage_macs: the N+1 stage MAC counts.
+        head_macs: the N head MAC counts; counted here (once, on the CPU) when None.
+
+    Returns:
+        The `EarlyExitNet`, its heads on the model's device and dtype, in the model's mode.
+    """
+    num_classes = traced.num_classes
+    heads = [ExitHead(config.exit_type, c.shape, c.channel_axis, num_classes) for c in cuts]
+    if head_macs is None:
+        head_macs = [count_macs(h, torch.zeros(1, *h.shape)) for h in heads]
     param = next(iter(model.parameters()), None)
-    heads = [ExitHead(config.exit_type, c.shape, c.channel_axis, prof.num_classes) for c in chosen]
-    head_macs = [count_macs(h, torch.zeros(1, *h.shape)) for h in heads]
     if param is not None:
         heads = [h.to(device=param.device, dtype=param.dtype) for h in heads]
     for h in heads:
         h.train(model.training)
-
-    cumulative = [c.cumulative_macs for c in chosen] + [prof.total_macs]
-    stage_macs = [b - a for a, b in zip([0, *cumulative[:-1]], cumulative)]
     stages = {
         False: split_stages(traced.eval_graph, config.exit_names),
         True: split_stages(traced.train_graph, config.exit_names),
     }
-    net = EarlyExitNet(model, heads, stages, config, prof.num_classes, stage_macs, head_macs)
+    net = EarlyExitNet(model, heads, stages, config, num_classes, stage_macs, head_macs)
     # Take the model's mode without touching its modules' own flags.
     net.training = model.training
     return net

@@ -1,4 +1,4 @@
-"""Plumbing the example scripts share: torchrun / DistributedDataParallel and result files.
+"""Plumbing the example scripts share: common options, torchrun / DDP, training, result files.
 
 Not library code: the examples import it from their own folder. A script started with plain
 `python` runs as a single process; started with `torchrun --nproc_per_node=K` it runs K
@@ -12,6 +12,7 @@ saves.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import hashlib
@@ -34,21 +35,31 @@ __all__ = [
     "DistContext",
     "ShardSampler",
     "add_distributed_arguments",
+    "add_exit_arguments",
+    "add_loss_arguments",
+    "add_output_arguments",
+    "add_run_arguments",
     "all_reduce_mean",
     "barrier",
     "cleanup",
     "evaluate_distributed",
     "fail",
+    "finish_training",
     "format_table",
     "make_loader",
+    "make_loaders",
+    "make_parser",
+    "make_scaler",
     "per_rank_batch_size",
     "print0",
     "save_net",
     "seed_everything",
+    "session",
     "setup",
     "state_digest",
     "sync_buffers",
     "tradeoff_distributed",
+    "train_epoch",
     "unwrap",
     "wrap_ddp",
     "write_digest",
@@ -81,6 +92,66 @@ class DistContext:
     def is_main(self) -> bool:
         """Whether this is rank 0, the process that prints and saves."""
         return self.rank == 0
+
+
+def make_parser(doc: str, epilog: str) -> argparse.ArgumentParser:
+    """An example's argument parser: the first paragraph of its docstring, defaults shown."""
+    return argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        epilog=epilog,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+
+def add_exit_arguments(group: Any) -> None:
+    """Add `--dist` and `--exit-type`, the placement and kind of the exits."""
+    from earlyexit import DISTRIBUTIONS
+
+    group.add_argument("--dist", default="pareto", choices=list(DISTRIBUTIONS))
+    group.add_argument("--exit-type", default="pool", choices=["plain", "pool", "bnpool"])
+
+
+def add_loss_arguments(group: Any) -> None:
+    """Add `--lam` and `--loss-version`, the settings of `EENetLoss`."""
+    group.add_argument("--lam", type=float, default=1.0, help="λ, the weight of the cost")
+    group.add_argument(
+        "--loss-version",
+        default=None,
+        choices=["v2+ce", "v2", "v1", "mc", "cost"],
+        help="EENetLoss version; default: the library's recommended one",
+    )
+
+
+def add_run_arguments(group: Any) -> None:
+    """Add `--amp`, `--seed` and `--find-unused-parameters`."""
+    group.add_argument("--amp", action="store_true", help="float16 mixed precision (CUDA)")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument(
+        "--find-unused-parameters",
+        action="store_true",
+        help="DDP option, for backbones with parameters that a forward pass skips",
+    )
+
+
+def add_output_arguments(parser: Any, output_dir_help: str) -> None:
+    """Add the `output` group: `--output-dir`, `--no-save`, `--json`, `--no-progress`, ...
+
+    Args:
+        parser: the argparse parser.
+        output_dir_help: the help of `--output-dir`, which says the script's default folder.
+    """
+    out = parser.add_argument_group("output")
+    out.add_argument("--output-dir", default=None, help=output_dir_help)
+    out.add_argument("--no-save", action="store_true", help="don't save the trained net")
+    out.add_argument(
+        "--json", default=None, metavar="PATH", help="write results as JSON ('-': stdout)"
+    )
+    out.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    out.add_argument(
+        "--digest-dir",
+        default=None,
+        help="every rank writes a SHA-256 of its final weights here (checks DDP replicas agree)",
+    )
 
 
 def add_distributed_arguments(parser: Any) -> None:
@@ -154,6 +225,16 @@ def setup(
             **kwargs,
         )
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+@contextlib.contextmanager
+def session(args: argparse.Namespace) -> Iterator[DistContext]:
+    """`setup` from the `add_distributed_arguments` options; `cleanup` on the way out."""
+    ctx = setup(args.device, args.backend, args.dist_timeout)
+    try:
+        yield ctx
+    finally:
+        cleanup()
 
 
 def fail(message: str) -> NoReturn:
@@ -275,6 +356,18 @@ def make_loader(
     )
 
 
+def make_loaders(
+    train_set: Dataset, eval_set: Dataset, args: argparse.Namespace, ctx: DistContext
+) -> tuple[DataLoader, DataLoader]:
+    """This rank's training and evaluation loaders, from `--batch-size`, `--workers`, `--seed`.
+
+    `--batch-size` is global: each rank takes its share (`per_rank_batch_size`).
+    """
+    batch = per_rank_batch_size(args.batch_size, ctx)
+    train = make_loader(train_set, batch, ctx, True, args.workers, args.seed)
+    return train, make_loader(eval_set, batch, ctx, False, args.workers)
+
+
 def wrap_ddp(net: nn.Module, ctx: DistContext, find_unused_parameters: bool = False) -> nn.Module:
     """Wrap a model in DistributedDataParallel when there are several processes.
 
@@ -287,6 +380,45 @@ def wrap_ddp(net: nn.Module, ctx: DistContext, find_unused_parameters: bool = Fa
     return nn.parallel.DistributedDataParallel(
         net, device_ids=device_ids, find_unused_parameters=find_unused_parameters
     )
+
+
+def make_scaler(amp: bool, ctx: DistContext) -> torch.amp.GradScaler | None:
+    """A float16 gradient scaler for `--amp` on CUDA; None otherwise (with a warning on CPU)."""
+    if not amp:
+        return None
+    if ctx.device.type != "cuda":
+        print0(ctx, "warning: --amp needs CUDA; training in float32")
+        return None
+    return torch.amp.GradScaler("cuda")
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ctx: DistContext,
+    epoch: int,
+    progress: bool,
+    scaler: torch.amp.GradScaler | None,
+) -> float:
+    """One epoch of `earlyexit.training.train_one_epoch` on this rank's shard.
+
+    Returns:
+        The mean training loss over the ranks.
+    """
+    from earlyexit.training import train_one_epoch
+
+    loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+    loss = train_one_epoch(model, loader, criterion, optimizer, ctx.device, epoch, progress, scaler)
+    return all_reduce_mean(loss, ctx)
+
+
+def finish_training(net: nn.Module, args: argparse.Namespace, ctx: DistContext) -> None:
+    """Make the replicas identical (`sync_buffers`) and write the `--digest-dir` digest."""
+    sync_buffers(net, ctx)
+    if args.digest_dir:
+        write_digest(net, args.digest_dir, ctx)
 
 
 def unwrap(net: nn.Module) -> nn.Module:

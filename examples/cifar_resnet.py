@@ -39,7 +39,6 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 import earlyexit
-from earlyexit.training import train_one_epoch
 
 #: The number of exits the paper's tables use per depth (EENet-110: 10 in Table 7).
 PAPER_N_EXITS = {"resnet20": 3, "resnet32": 5, "resnet44": 6, "resnet56": 6, "resnet110": 10}
@@ -63,10 +62,8 @@ DATASETS = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The script's argument parser."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="See the module docstring (or the top of this file) for the recipe and examples.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = ddp.make_parser(
+        __doc__, "See the module docstring (or the top of this file) for the recipe and examples."
     )
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
@@ -88,18 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="early exits; default: the paper's for the depth (3, 5, 6, 6, 10), else 3",
     )
-    model.add_argument("--dist", default="pareto", choices=list(earlyexit.DISTRIBUTIONS))
-    model.add_argument("--exit-type", default="pool", choices=["plain", "pool", "bnpool"])
+    ddp.add_exit_arguments(model)
     model.add_argument("--threshold", type=float, default=0.5, help="T for early exits")
 
     train = parser.add_argument_group("training (defaults: the paper's recipe)")
-    train.add_argument("--lam", type=float, default=1.0, help="λ, the weight of the cost")
-    train.add_argument(
-        "--loss-version",
-        default=None,
-        choices=["v2+ce", "v2", "v1", "mc", "cost"],
-        help="EENetLoss version; default: the library's recommended one",
-    )
+    ddp.add_loss_arguments(train)
     train.add_argument("--epochs", type=int, default=350)
     train.add_argument("--batch-size", type=int, default=256, help="global, over all processes")
     train.add_argument("--lr", type=float, default=0.1)
@@ -107,32 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr-gamma", type=float, default=0.1, help="lr factor at each drop")
     train.add_argument("--momentum", type=float, default=0.9)
     train.add_argument("--weight-decay", type=float, default=1e-4)
-    train.add_argument("--amp", action="store_true", help="float16 mixed precision (CUDA)")
-    train.add_argument("--seed", type=int, default=0)
     train.add_argument(
         "--eval-every", type=int, default=0, metavar="K", help="test every K epochs (0: at the end)"
     )
-    train.add_argument(
-        "--find-unused-parameters",
-        action="store_true",
-        help="DDP option, for backbones with parameters that a forward pass skips",
-    )
+    ddp.add_run_arguments(train)
 
-    out = parser.add_argument_group("output")
-    out.add_argument(
-        "--output-dir",
-        default=None,
-        help="where to save the trained net; default output/{dataset}-{model}-{dist}",
-    )
-    out.add_argument("--no-save", action="store_true", help="don't save the trained net")
-    out.add_argument(
-        "--json", default=None, metavar="PATH", help="write results as JSON ('-': stdout)"
-    )
-    out.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    out.add_argument(
-        "--digest-dir",
-        default=None,
-        help="every rank writes a SHA-256 of its final weights here (checks DDP replicas agree)",
+    ddp.add_output_arguments(
+        parser, "where to save the trained net; default output/{dataset}-{model}-{dist}"
     )
     ddp.add_distributed_arguments(parser)
     return parser
@@ -211,11 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     ddp.seed_everything(args.seed)
     train_set, test_set = build_datasets(args)
-    ctx = ddp.setup(args.device, args.backend, args.dist_timeout)
-    try:
+    with ddp.session(args) as ctx:
         return run(args, ctx, train_set, test_set, start)
-    finally:
-        ddp.cleanup()
 
 
 def run(
@@ -246,9 +214,7 @@ def run(
         f"process(es) on {ctx.device.type}",
     )
 
-    batch = ddp.per_rank_batch_size(args.batch_size, ctx)
-    train_loader = ddp.make_loader(train_set, batch, ctx, True, args.workers, args.seed)
-    test_loader = ddp.make_loader(test_set, batch, ctx, False, args.workers)
+    train_loader, test_loader = ddp.make_loaders(train_set, test_set, args, ctx)
     model = ddp.wrap_ddp(net, ctx, args.find_unused_parameters)
     loss_kwargs = {} if args.loss_version is None else {"version": args.loss_version}
     criterion = earlyexit.EENetLoss(lam=args.lam, **loss_kwargs)
@@ -257,23 +223,16 @@ def run(
         net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_step, args.lr_gamma)
-    scaler = None
-    if args.amp:
-        if ctx.device.type != "cuda":
-            ddp.print0(ctx, "warning: --amp needs CUDA; training in float32")
-        else:
-            scaler = torch.amp.GradScaler("cuda")
+    scaler = ddp.make_scaler(args.amp, ctx)
 
     history: list[dict[str, Any]] = []
     for epoch in range(args.epochs):
-        train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
-        loss = train_one_epoch(
-            model, train_loader, criterion, optimizer, ctx.device, epoch, progress, scaler
+        loss = ddp.train_epoch(
+            model, train_loader, criterion, optimizer, ctx, epoch, progress, scaler
         )
         scheduler.step()
-        loss = ddp.all_reduce_mean(loss, ctx)
         entry: dict[str, Any] = {"epoch": epoch, "lr": lr, "loss": loss}
         line = f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  loss {loss:.4f}"
         if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
@@ -283,9 +242,7 @@ def run(
         history.append(entry)
         ddp.print0(ctx, f"{line}  ({time.perf_counter() - t0:.1f}s)")
 
-    ddp.sync_buffers(net, ctx)
-    if args.digest_dir:
-        ddp.write_digest(net, args.digest_dir, ctx)
+    ddp.finish_training(net, args, ctx)
     ev = ddp.evaluate_distributed(net, test_loader, ctx, progress=progress)
 
     costs = net.exit_costs.tolist()

@@ -40,15 +40,13 @@ from torchvision import datasets
 
 import earlyexit
 from earlyexit.calibrate import NEVER
-from earlyexit.training import freeze_backbone, param_groups, train_one_epoch
+from earlyexit.training import freeze_backbone, param_groups
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The script's argument parser."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="See the module docstring (or the top of this file) for examples.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = ddp.make_parser(
+        __doc__, "See the module docstring (or the top of this file) for examples."
     )
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", default=None, help="a folder with train/ and val/ inside")
@@ -76,8 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", default=None, help="a local weights file for the model (implies pretrained)"
     )
     model.add_argument("--n-exits", type=int, default=3)
-    model.add_argument("--dist", default="pareto", choices=list(earlyexit.DISTRIBUTIONS))
-    model.add_argument("--exit-type", default="pool", choices=["plain", "pool", "bnpool"])
+    ddp.add_exit_arguments(model)
     model.add_argument(
         "--threshold", type=float, default=0.5, help="T set on the saved net (and detailed)"
     )
@@ -91,13 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = parser.add_argument_group("training")
     train.add_argument("--freeze-backbone", action="store_true", help="train only the exits")
-    train.add_argument("--lam", type=float, default=1.0, help="λ, the weight of the cost")
-    train.add_argument(
-        "--loss-version",
-        default=None,
-        choices=["v2+ce", "v2", "v1", "mc", "cost"],
-        help="EENetLoss version; default: the library's recommended one",
-    )
+    ddp.add_loss_arguments(train)
     train.add_argument("--epochs", type=int, default=10)
     train.add_argument("--batch-size", type=int, default=64, help="global, over all processes")
     train.add_argument("--opt", default="adamw", choices=["adamw", "sgd"])
@@ -109,28 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="learning rate of the backbone; default --lr",
     )
     train.add_argument("--weight-decay", type=float, default=0.05)
-    train.add_argument("--amp", action="store_true", help="float16 mixed precision (CUDA)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument(
-        "--find-unused-parameters",
-        action="store_true",
-        help="DDP option, for backbones with parameters that a forward pass skips",
-    )
+    ddp.add_run_arguments(train)
 
-    out = parser.add_argument_group("output")
-    out.add_argument(
-        "--output-dir", default=None, help="where to save the net; default output/finetune-{model}"
-    )
-    out.add_argument("--no-save", action="store_true", help="don't save the trained net")
-    out.add_argument(
-        "--json", default=None, metavar="PATH", help="write results as JSON ('-': stdout)"
-    )
-    out.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    out.add_argument(
-        "--digest-dir",
-        default=None,
-        help="every rank writes a SHA-256 of its final weights here (checks DDP replicas agree)",
-    )
+    ddp.add_output_arguments(parser, "where to save the net; default output/finetune-{model}")
     ddp.add_distributed_arguments(parser)
     return parser
 
@@ -205,11 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     classes = check_data_dir(args)
     ddp.seed_everything(args.seed)
-    ctx = ddp.setup(args.device, args.backend, args.dist_timeout)
-    try:
+    with ddp.session(args) as ctx:
         return run(args, ctx, classes, start)
-    finally:
-        ddp.cleanup()
 
 
 def run(args: argparse.Namespace, ctx: ddp.DistContext, classes: list[str], start: float) -> int:
@@ -247,9 +216,7 @@ def run(args: argparse.Namespace, ctx: ddp.DistContext, classes: list[str], star
         f"classes; {ctx.world_size} process(es) on {ctx.device.type}",
     )
 
-    batch = ddp.per_rank_batch_size(args.batch_size, ctx)
-    train_loader = ddp.make_loader(train_set, batch, ctx, True, args.workers, args.seed)
-    val_loader = ddp.make_loader(val_set, batch, ctx, False, args.workers)
+    train_loader, val_loader = ddp.make_loaders(train_set, val_set, args, ctx)
     model = ddp.wrap_ddp(net, ctx, args.find_unused_parameters)
     loss_kwargs = {} if args.loss_version is None else {"version": args.loss_version}
     criterion = earlyexit.EENetLoss(lam=args.lam, **loss_kwargs)
@@ -259,31 +226,22 @@ def run(args: argparse.Namespace, ctx: ddp.DistContext, classes: list[str], star
     else:
         optimizer = torch.optim.AdamW(groups, lr=args.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(args.epochs, 1))
-    scaler = None
-    if args.amp:
-        if ctx.device.type != "cuda":
-            ddp.print0(ctx, "warning: --amp needs CUDA; training in float32")
-        else:
-            scaler = torch.amp.GradScaler("cuda")
+    scaler = ddp.make_scaler(args.amp, ctx)
 
     history: list[dict[str, Any]] = []
     for epoch in range(args.epochs):
-        train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
         t0 = time.perf_counter()
-        loss = train_one_epoch(
-            model, train_loader, criterion, optimizer, ctx.device, epoch, progress, scaler
+        loss = ddp.train_epoch(
+            model, train_loader, criterion, optimizer, ctx, epoch, progress, scaler
         )
         scheduler.step()
-        loss = ddp.all_reduce_mean(loss, ctx)
         history.append({"epoch": epoch, "loss": loss})
         ddp.print0(
             ctx,
             f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f}  ({time.perf_counter() - t0:.1f}s)",
         )
 
-    ddp.sync_buffers(net, ctx)
-    if args.digest_dir:
-        ddp.write_digest(net, args.digest_dir, ctx)
+    ddp.finish_training(net, args, ctx)
     thresholds = [*sorted(set(args.thresholds)), NEVER]
     curve = ddp.tradeoff_distributed(net, val_loader, ctx, thresholds, progress)
     chosen = ddp.evaluate_distributed(net, val_loader, ctx, progress=progress)
