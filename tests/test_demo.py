@@ -53,6 +53,8 @@ def test_cli_runs_the_demo_and_reports_missing_mnist(tmp_path, capsys):
 def test_demo_rejects_bad_options(capsys):
     assert run_demo(demo_args("--epochs", "0")) == 2
     assert "--epochs" in capsys.readouterr().err
+    assert run_demo(demo_args("--batch-size", "0")) == 2
+    assert "--batch-size" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         demo_args("--dataset", "cifar")
 
