@@ -34,6 +34,7 @@ original module and the traced stages, drowning what is being measured.
     python benchmarks/speed.py --model resnet110 --n-exits 10 --batch-sizes 256 --threads 2
     python benchmarks/speed.py --batch-sizes 1 4 16 64 256 --pattern uniform --json speed.json
     python benchmarks/speed.py --batch-sizes 256 --profile-stages
+    python benchmarks/speed.py --replot a.json b.json --plot speed.png   # draw saved results
 """
 
 from __future__ import annotations
@@ -385,6 +386,54 @@ def print_table(rows: Sequence[Row], header: bool = True) -> None:
         )
 
 
+def plot_results(series: dict[str, Sequence[dict]], path: str) -> None:
+    """Efficiency and overhead against batch size, one line per labelled set of rows.
+
+    Args:
+        series: label -> rows (`Row` as dicts, as in the JSON's `rows`).
+        path: the image to write (matplotlib picks the format from the suffix).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    for label, rows in series.items():
+        rows = sorted(rows, key=lambda r: r["batch_size"])
+        batches = [r["batch_size"] for r in rows]
+        left.plot(batches, [r["efficiency"] for r in rows], marker="o", label=label)
+        right.plot(batches, [r["overhead"] for r in rows], marker="o", label=label)
+    left.axhline(1.0, color="grey", lw=0.8, ls="--")
+    right.axhline(1.0, color="grey", lw=0.8, ls="--")
+    left.set_title("efficiency: share of the MAC saving that becomes time", fontsize=9)
+    right.set_title("overhead: no-exit early_exit / original model", fontsize=9)
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.grid(alpha=0.3)
+    left.set_ylim(0, 1.2)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def load_series(paths: Sequence[str | os.PathLike[str]]) -> dict[str, list[dict]]:
+    """Rows of saved `--json` results, grouped by device, threads and options, for plotting."""
+    series: dict[str, list[dict]] = {}
+    for path in paths:
+        with open(path) as f:
+            payload = json.load(f)
+        for r in payload["rows"]:
+            device = r["device"] if r["device"] != "cuda" else payload.get("gpu") or "cuda"
+            opts = [o for o in ("compile", "channels_last", "amp") if r.get(o)]
+            label = f"{device}, {r['threads']} thr" if r["device"] == "cpu" else device
+            label += "".join(f", {o}" for o in opts)
+            series.setdefault(label, []).append(r)
+    return series
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet110")
@@ -429,13 +478,27 @@ def build_parser() -> argparse.ArgumentParser:
         "median over rounds of the per-round ratios",
     )
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--plot", metavar="PNG", help="also draw efficiency and overhead vs batch size")
+    p.add_argument(
+        "--replot",
+        nargs="+",
+        metavar="JSON",
+        help="measure nothing: draw saved --json results into --plot",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     global _clock
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.replot:
+        if not args.plot:
+            parser.error("--replot needs --plot PNG, the image to write")
+        plot_results(load_series(args.replot), args.plot)
+        print(f"wrote {args.plot}")
+        return 0
     _clock = CLOCKS[args.clock]
     if args.malloc == "tuned" and not tune_malloc():
         args.malloc = "system (tuning failed: not glibc)"
@@ -490,6 +553,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
+    if args.plot and rows:
+        by_device: dict[str, list[dict]] = {}
+        for r in rows:
+            by_device.setdefault(r.device, []).append(asdict(r))
+        plot_results(by_device, args.plot)
     return 0
 
 

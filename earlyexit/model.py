@@ -126,6 +126,7 @@ class EarlyExitNet(nn.Module):
             costs.append(total / self.backbone_macs)
         self.register_buffer("exit_costs", torch.tensor(costs), persistent=False)
         self._compiled: dict[bool, list[nn.Module]] | None = None
+        self._compiled_heads: list[nn.Module] | None = None
 
     @property
     def num_exits(self) -> int:
@@ -168,7 +169,14 @@ class EarlyExitNet(nn.Module):
             mode: [torch.compile(s, dynamic=dynamic, **kwargs) for s in stages]
             for mode, stages in self._stages.items()
         }
+        self._compiled_heads = [torch.compile(h, dynamic=dynamic, **kwargs) for h in self.heads]
         return self
+
+    def _exit_heads(self) -> list[nn.Module]:
+        """The N exit heads, compiled after `compile()`."""
+        if self._compiled_heads is not None:
+            return self._compiled_heads
+        return list(self.heads)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -187,7 +195,7 @@ class EarlyExitNet(nn.Module):
         """
         stages = self.stages()
         logits, confidence = [], []
-        for stage, head in zip(stages, self.heads):
+        for stage, head in zip(stages, self._exit_heads()):
             x = stage(x)
             z, a = head(x)
             logits.append(z)
@@ -207,7 +215,7 @@ class EarlyExitNet(nn.Module):
         """
         t = self.threshold if threshold is None else check_threshold(threshold)
         return run_early_exit(
-            self.stages(), list(self.heads), x, t, self.exit_costs, self.num_classes
+            self.stages(), self._exit_heads(), x, t, self.exit_costs, self.num_classes
         )
 
     def forward(self, x: torch.Tensor) -> ExitOutputs | torch.Tensor:

@@ -14,13 +14,16 @@ Needs matplotlib and scikit-learn (`pip install earlyexit[docs,demo]`); no downl
 The figures: `eenet` (a converted resnet20, to scale), `profiles` (cumulative MACs over depth
 of four models), `distributions` (where each rule puts 10 exits on resnet110), `costs` (the
 quickstart's EENet-110), `paper` (the exit layouts of the paper's Tables 7 and 9, against
-ours) and `tradeoff` (EENet-8 on digits, 12 epochs).
+ours), `tradeoff` (EENet-8 on digits, 12 epochs) and `speed` (efficiency and overhead against
+batch size, drawn from the saved results of `benchmarks/speed.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -367,19 +370,43 @@ def tradeoff_digits(out: Path, numbers: dict, epochs: int = 12) -> None:
     }
 
 
+#: The saved speed results drawn in `speed.png` (benchmarks/results/, made by speed.py --json).
+SPEED_RESULTS = (
+    "speed-cpu-2core.json",
+    "speed-cpu-2core-2threads.json",
+    "speed-h200-eager.json",
+    "speed-h200-large-batches.json",
+    "speed-h200-channels-last-amp.json",
+    "speed-h200-compiled.json",
+)
+
+
+def speed_results(out: Path) -> None:
+    """Efficiency and overhead against batch size, from saved results: this measures nothing."""
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("speed", root / "benchmarks" / "speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = speed  # its dataclass looks its module up while being defined
+    spec.loader.exec_module(speed)
+    results = root / "benchmarks" / "results"
+    speed.plot_results(speed.load_series([results / n for n in SPEED_RESULTS]), out / "speed.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--only",
         nargs="*",
-        choices=["eenet", "profiles", "distributions", "costs", "paper", "tradeoff"],
+        choices=["eenet", "profiles", "distributions", "costs", "paper", "tradeoff", "speed"],
         help="make only these figures (default: all)",
     )
     parser.add_argument("--out", type=Path, default=ASSETS)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
-    only = set(args.only or ["eenet", "profiles", "distributions", "costs", "paper", "tradeoff"])
+    only = set(
+        args.only or ["eenet", "profiles", "distributions", "costs", "paper", "tradeoff", "speed"]
+    )
     numbers_path = args.out / "figures.json"
     numbers = json.loads(numbers_path.read_text()) if numbers_path.exists() else {}
     numbers.update({"torch": torch.__version__, "timm": timm.__version__})
@@ -398,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         paper_placements(numbers, profiles)
     if "tradeoff" in only:
         tradeoff_digits(args.out, numbers)
+    if "speed" in only:
+        speed_results(args.out)
     numbers_path.write_text(json.dumps(numbers, indent=1) + "\n")
     print(f"wrote {sorted(p.name for p in args.out.iterdir())} in {time.time() - start:.0f} s")
     return 0

@@ -230,6 +230,35 @@ def test_channels_last_autocast_and_dtype_moves():
     assert net64.exit_costs.dtype == torch.float64
 
 
+def test_compile_compiles_every_stage_and_head_and_matches_eager():
+    net = earlyexit.convert(ToyNet(), n_exits=2, input_size=(3, 16, 16)).eval()
+    x = torch.randn(32, 3, 16, 16)
+    _spread_confidences(net, x)
+    batches = (x, x[:5], x[:1])
+    with torch.no_grad():
+        eager = [net.early_exit(b) for b in batches]
+    graphs = []
+
+    def backend(gm, example_inputs):  # records each captured graph, runs it as it is
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    assert net.compile(backend=backend) is net
+    with torch.no_grad():
+        compiled = [net.early_exit(b) for b in batches]
+        full = net.forward_all(x)
+    # Every stage (one output) and every head (class and confidence logits) was captured.
+    outputs = [len(next(n for n in g.graph.nodes if n.op == "output").args[0]) for g in graphs]
+    assert outputs.count(2) >= net.num_exits
+    assert outputs.count(1) >= len(net.stages())
+    for out, ref in zip(compiled, eager, strict=True):
+        assert torch.equal(out.exit_index, ref.exit_index)
+        torch.testing.assert_close(out.logits, ref.logits)
+    assert len(full.logits) == net.num_exits + 1
+    torch._dynamo.reset()
+
+
 def test_compaction_keeps_the_memory_layout():
     index = torch.tensor([4, 0, 2])
     for x in (torch.randn(5, 3, 4, 6), torch.randn(5, 3, 4, 6).to(memory_format=CL)):
