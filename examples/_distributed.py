@@ -31,6 +31,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+import earlyexit
+
 __all__ = [
     "DistContext",
     "ShardSampler",
@@ -586,33 +588,21 @@ def write_json(results: dict[str, Any], path: str) -> None:
 
 
 def save_net(net: nn.Module, directory: str | os.PathLike[str], extra: dict[str, Any]) -> Path:
-    """Save an early-exit net: `earlyexit.save` when the library has it.
+    """Save an early-exit net to `directory/model.safetensors` with `earlyexit.save`.
 
-    Without it, the state dict goes to `model.pt` and the resolved config plus `extra` (model
-    name, classes...) to `config.json` beside it.
+    `config.json` beside it holds the resolved config and `extra` (model name, classes...),
+    for people reading the folder; `earlyexit.load` needs only the weights file.
 
     Returns:
         The weights file.
     """
-    try:
-        from earlyexit import save
-    except ImportError:
-        try:
-            from earlyexit.io import save
-        except ImportError:
-            save = None
-
     net = unwrap(net)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     config = {"earlyexit": net.config.to_dict(), **extra}  # type: ignore[union-attr]
     (out / "config.json").write_text(json.dumps(_json_ready(config), indent=2) + "\n")
-    if save is not None:
-        path = out / "model.safetensors"
-        save(net, path)
-    else:
-        path = out / "model.pt"
-        torch.save(net.state_dict(), path)
+    path = out / "model.safetensors"
+    earlyexit.save(net, path)  # type: ignore[arg-type]
     return path
 
 

@@ -8,8 +8,7 @@ these classes); without it the backbone is fine-tuned too, at `--backbone-lr`. T
 validation set (`--data-dir/val/`) is evaluated at a few thresholds T, and the
 accuracy/cost trade-off is printed (relative cost: mean MACs per sample / the model's), with
 a "final only" row for the model without early exits. The net is saved with its threshold set
-to `--threshold` (`earlyexit.save` when the library has it, else a state dict plus
-`config.json`).
+to `--threshold` with `earlyexit.save`, and `config.json` beside it.
 
 Examples:
     python examples/finetune_timm.py --model resnet50 --pretrained --freeze-backbone \\
