@@ -508,8 +508,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in json.loads(json_path.read_text()):
             done[(r["source"], r["name"])] = r
         if args.retry is not None:
+            # Only the selected models run again; the other records stay as they are.
             retry = set(args.retry) or set(STATUS_ORDER) - {"converted", "skipped"}
-            done = {k: r for k, r in done.items() if r["status"] not in retry}
+            selected = set(models)
+            done = {k: r for k, r in done.items() if k not in selected or r["status"] not in retry}
     todo = [m for m in models if m not in done]
 
     def save() -> None:
