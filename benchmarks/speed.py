@@ -419,18 +419,24 @@ def plot_results(series: dict[str, Sequence[dict]], path: str) -> None:
     plt.close(fig)
 
 
+def group_rows(rows: Sequence[dict], gpu: str | None = None) -> dict[str, list[dict]]:
+    """Rows (as dicts) grouped for plotting by device, threads and options."""
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        label = f"cpu, {r['threads']} thr" if r["device"] == "cpu" else gpu or r["device"]
+        label += "".join(f", {o}" for o in ("compile", "channels_last", "amp") if r.get(o))
+        series.setdefault(label, []).append(r)
+    return series
+
+
 def load_series(paths: Sequence[str | os.PathLike[str]]) -> dict[str, list[dict]]:
-    """Rows of saved `--json` results, grouped by device, threads and options, for plotting."""
+    """Rows of saved `--json` results, grouped as `group_rows` does, for plotting."""
     series: dict[str, list[dict]] = {}
     for path in paths:
         with open(path) as f:
             payload = json.load(f)
-        for r in payload["rows"]:
-            device = r["device"] if r["device"] != "cuda" else payload.get("gpu") or "cuda"
-            opts = [o for o in ("compile", "channels_last", "amp") if r.get(o)]
-            label = f"{device}, {r['threads']} thr" if r["device"] == "cpu" else device
-            label += "".join(f", {o}" for o in opts)
-            series.setdefault(label, []).append(r)
+        for label, rows in group_rows(payload["rows"], payload.get("gpu")).items():
+            series.setdefault(label, []).extend(rows)
     return series
 
 
@@ -554,10 +560,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
     if args.plot and rows:
-        by_device: dict[str, list[dict]] = {}
-        for r in rows:
-            by_device.setdefault(r.device, []).append(asdict(r))
-        plot_results(by_device, args.plot)
+        gpu = torch.cuda.get_device_name() if "cuda" in devices else None
+        plot_results(group_rows([asdict(r) for r in rows], gpu), args.plot)
     return 0
 
 

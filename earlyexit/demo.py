@@ -317,6 +317,7 @@ def _train(
     args: argparse.Namespace,
     epochs: int,
     lr: float,
+    batch_size: int,
 ) -> tuple[DemoRow, list[float]]:
     import timm
 
@@ -330,7 +331,7 @@ def _train(
         criterion = EENetLoss(lam=args.lam, version=version)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(args.seed)
-    train = DataLoader(data[0], batch_size=args.batch_size, shuffle=True, generator=generator)
+    train = DataLoader(data[0], batch_size=batch_size, shuffle=True, generator=generator)
     test = DataLoader(data[1], batch_size=500)
     start = time.perf_counter()
     progress = not args.no_progress
@@ -353,15 +354,18 @@ def run_demo(args: argparse.Namespace) -> int:
 
     Prints the table, the plot's path and the time taken; writes `tradeoff.png` to `args.out`.
     """
-    epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[args.dataset]
-    lr = args.lr if args.lr is not None else DEFAULT_LR[args.dataset]
-    if args.batch_size is None:
-        args.batch_size = DEFAULT_BATCH_SIZE[args.dataset]
+
+    def per_dataset(value, defaults):  # an option left out takes the data set's default
+        return value if value is not None else defaults[args.dataset]
+
+    epochs = per_dataset(args.epochs, DEFAULT_EPOCHS)
+    lr = per_dataset(args.lr, DEFAULT_LR)
+    batch_size = per_dataset(args.batch_size, DEFAULT_BATCH_SIZE)
     if epochs < 1:
         print(f"error: --epochs must be at least 1, got {epochs}", file=sys.stderr)
         return 2
-    if args.batch_size < 1:
-        print(f"error: --batch-size must be at least 1, got {args.batch_size}", file=sys.stderr)
+    if batch_size < 1:
+        print(f"error: --batch-size must be at least 1, got {batch_size}", file=sys.stderr)
         return 2
     if not (math.isfinite(args.lam) and args.lam >= 0):
         print(f"error: --lam must be a non-negative number, got {args.lam}", file=sys.stderr)
@@ -384,13 +388,13 @@ def run_demo(args: argparse.Namespace) -> int:
         print(
             f"EENet-8 (resnet8 width 4, 2 quadratic pool exits) on {what}: "
             f"{len(data[0])} train / {len(data[1])} test, {epochs} epochs, Adam lr {lr:g}, "
-            f"batch {args.batch_size}, λ={args.lam}, seed {args.seed}",
+            f"batch {batch_size}, λ={args.lam}, seed {args.seed}",
             flush=True,
         )
         rows: list[DemoRow] = []
         exit_costs: list[float] = []
         for label, version in LOSSES:
-            row, costs = _train(label, version, data, args, epochs, lr)
+            row, costs = _train(label, version, data, args, epochs, lr, batch_size)
             exit_costs = costs or exit_costs
             rows.append(row)
             print(

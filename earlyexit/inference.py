@@ -93,15 +93,16 @@ def run_early_exit(
             continue
         n_stay = remaining.numel() - n_leave
         if n_stay == 0:  # all leave (always so for a single sample): nothing to sort
-            logits.index_copy_(0, remaining, class_logits.to(logits.dtype))
-            exit_index.index_fill_(0, remaining, i)
+            done, leaving = remaining, class_logits
+        else:
+            order = torch.argsort(leave.to(torch.int8), stable=True)
+            go = order[n_stay:]
+            done, leaving = remaining.index_select(0, go), class_logits.index_select(0, go)
+        logits.index_copy_(0, done, leaving.to(logits.dtype))
+        exit_index.index_fill_(0, done, i)
+        if n_stay == 0:
             finished = True
             break
-        order = torch.argsort(leave.to(torch.int8), stable=True)
-        go = order[n_stay:]
-        done = remaining.index_select(0, go)
-        logits.index_copy_(0, done, class_logits.index_select(0, go).to(logits.dtype))
-        exit_index.index_fill_(0, done, i)
         stay = order[:n_stay]
         x = _select(x, stay)
         remaining = remaining.index_select(0, stay)

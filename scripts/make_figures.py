@@ -38,7 +38,11 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 import earlyexit
 from earlyexit.placement import place_exits
 
-ASSETS = Path(__file__).resolve().parent.parent / "docs" / "assets"
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "docs" / "assets"
+
+#: The figures `--only` can pick, in the order they are made.
+FIGURES = ("eenet", "profiles", "distributions", "costs", "paper", "tradeoff", "speed")
 
 #: Models of the cost-profile figure: (timm name, label, input size or None for the model's own).
 PROFILE_MODELS = (
@@ -383,12 +387,11 @@ SPEED_RESULTS = (
 
 def speed_results(out: Path) -> None:
     """Efficiency and overhead against batch size, from saved results: this measures nothing."""
-    root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("speed", root / "benchmarks" / "speed.py")
+    spec = importlib.util.spec_from_file_location("speed", ROOT / "benchmarks" / "speed.py")
     speed = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = speed  # its dataclass looks its module up while being defined
     spec.loader.exec_module(speed)
-    results = root / "benchmarks" / "results"
+    results = ROOT / "benchmarks" / "results"
     speed.plot_results(speed.load_series([results / n for n in SPEED_RESULTS]), out / "speed.png")
 
 
@@ -397,16 +400,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         nargs="*",
-        choices=["eenet", "profiles", "distributions", "costs", "paper", "tradeoff", "speed"],
+        choices=FIGURES,
         help="make only these figures (default: all)",
     )
     parser.add_argument("--out", type=Path, default=ASSETS)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
-    only = set(
-        args.only or ["eenet", "profiles", "distributions", "costs", "paper", "tradeoff", "speed"]
-    )
+    only = set(args.only or FIGURES)
     numbers_path = args.out / "figures.json"
     numbers = json.loads(numbers_path.read_text()) if numbers_path.exists() else {}
     numbers.update({"torch": torch.__version__, "timm": timm.__version__})
