@@ -6,6 +6,8 @@ before its fence:
 
 - `<!-- skip: why -->`: never run (it needs data, a download or a GPU); it must still compile.
 - `<!-- slow: why -->`: run only by the `slow` test (it takes more than a few seconds).
+- `<!-- needs: module -->`: the block needs an optional package (`onnx`); where that package
+  is not installed, the page's test skips and names it, instead of failing.
 
 A ```text block marked `<!-- output -->` right after a python block is what that block prints,
 exactly (up to trailing spaces); use it only for deterministic output.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import importlib.util
 import io
 import re
 import shutil
@@ -38,7 +41,7 @@ DOCS = ROOT / "docs"
 REFERENCE = DOCS / "reference.md"
 
 _FENCE_OPEN = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>python|text)[ \t]*$")
-_MARKER = re.compile(r"^\s*<!--\s*(?P<kind>skip|slow)\b\s*(?::\s*(?P<why>.*?))?\s*-->\s*$")
+_MARKER = re.compile(r"^\s*<!--\s*(?P<kind>skip|slow|needs)\b\s*(?::\s*(?P<why>.*?))?\s*-->\s*$")
 _OUTPUT = re.compile(r"^\s*<!--\s*output\b.*-->\s*$")
 
 
@@ -49,7 +52,7 @@ class Block:
     page: Path
     line: int  # 1-based line of the first line of code
     code: str
-    marker: str | None  # "skip", "slow" or None
+    marker: str | None  # "skip", "slow", "needs" or None
     why: str | None
     expected: str | None = None  # what it prints, from a ```text block marked <!-- output -->
 
@@ -117,6 +120,18 @@ def _run_page(page: Path, include_slow: bool, tmp_path: Path, monkeypatch) -> in
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    missing = sorted(
+        {
+            block.why
+            for block in extract_blocks(page)
+            if block.marker == "needs" and importlib.util.find_spec(block.why) is None
+        }
+    )
+    if missing:
+        pytest.skip(
+            f"{_page_id(page)} needs {', '.join(missing)}, which is not installed "
+            "(`pip install -e .[dev]` installs it)"
+        )
     monkeypatch.chdir(tmp_path)
     # A real module, as a user's script is: torch.fx looks functions up by their module.
     name = "docs_" + re.sub(r"\W", "_", _page_id(page))
@@ -189,8 +204,6 @@ def test_reference_documents_every_public_name():
 
 
 def test_reference_objects_exist():
-    import importlib
-
     text = REFERENCE.read_text(encoding="utf-8")
     for path in re.findall(r"^:::\s*(earlyexit[\w.]*)", text, re.M):
         parts = path.split(".")
