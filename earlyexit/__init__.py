@@ -31,6 +31,7 @@ from earlyexit.loss import EENetLoss, eenet_loss
 from earlyexit.model import EarlyExitConfig, EarlyExitNet, convert
 from earlyexit.outputs import EarlyExitResult, ExitOutputs
 from earlyexit.placement import DISTRIBUTIONS, distribution_targets
+from earlyexit.stream import Prediction, predict
 from earlyexit.training import (
     Evaluation,
     evaluate,
@@ -56,6 +57,7 @@ __all__ = [
     "ExportedEarlyExit",
     "FlopProfile",
     "PlacementError",
+    "Prediction",
     "TraceError",
     "TradeoffCurve",
     "__version__",
@@ -70,6 +72,7 @@ __all__ = [
     "load",
     "param_groups",
     "plot_tradeoff",
+    "predict",
     "profile",
     "save",
     "select_exits",

@@ -9,13 +9,14 @@ one host synchronisation per exit (to learn how many samples stay).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from earlyexit.outputs import EarlyExitResult
 
-__all__ = ["check_threshold", "exit_mask", "run_early_exit"]
+__all__ = ["ExitSplit", "check_threshold", "exit_mask", "run_early_exit", "run_exit"]
 
 
 def check_threshold(threshold: object) -> float:
@@ -52,6 +53,56 @@ def _select(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, index)
 
 
+class ExitSplit(NamedTuple):
+    """One exit's verdict on a batch: who leaves, with which logits, and who goes on.
+
+    Attributes:
+        leave: the ids of the samples that leave at this exit.
+        logits: their class logits; `(0, num_classes)` when nobody leaves.
+        stay: the ids of the samples that go on.
+        features: their features, compacted: the next stage's input.
+    """
+
+    leave: torch.Tensor
+    logits: torch.Tensor
+    stay: torch.Tensor
+    features: torch.Tensor
+
+
+def run_exit(
+    stage: nn.Module, head: nn.Module, x: torch.Tensor, ids: torch.Tensor, threshold: float
+) -> ExitSplit:
+    """Run one stage and its exit head on `x`, and split the batch at the exit.
+
+    Args:
+        stage: stage i.
+        head: exit head i.
+        x: the stage's input, one row per entry of `ids`.
+        ids: `(B,)` long tensor on `x`'s device, the caller's name for each row.
+        threshold: T; a sample leaves when sigmoid(a_i) >= T.
+
+    Returns:
+        An `ExitSplit`. Leavers and stayers each keep their order in `x`.
+    """
+    x = stage(x)
+    class_logits, confidence = head(x)
+    leave = exit_mask(confidence, threshold)
+    n_leave = int(leave.sum())  # the one host synchronisation of this exit
+    n_stay = ids.numel() - n_leave
+    if n_leave == 0:
+        return ExitSplit(ids[:0], class_logits[:0], ids, x)
+    if n_stay == 0:  # all leave (always so for a single sample): nothing to sort
+        return ExitSplit(ids, class_logits, ids[:0], x[:0])
+    order = torch.argsort(leave.to(torch.int8), stable=True)
+    go, stay = order[n_stay:], order[:n_stay]
+    return ExitSplit(
+        ids.index_select(0, go),
+        class_logits.index_select(0, go),
+        ids.index_select(0, stay),
+        _select(x, stay),
+    )
+
+
 def run_early_exit(
     stages: Sequence[nn.Module],
     heads: Sequence[nn.Module],
@@ -79,38 +130,18 @@ def run_early_exit(
     exit_index = torch.full((batch,), n_exits, dtype=torch.long, device=device)
     remaining = torch.arange(batch, device=device)
     logits: torch.Tensor | None = None
-    finished = batch == 0
     for i in range(n_exits):
-        if finished:
+        if remaining.numel() == 0:
             break
-        x = stages[i](x)
-        class_logits, confidence = heads[i](x)
+        split = run_exit(stages[i], heads[i], x, remaining, threshold)
         if logits is None:
-            logits = class_logits.new_empty((batch, class_logits.shape[1]))
-        leave = exit_mask(confidence, threshold)
-        n_leave = int(leave.sum())  # the one host synchronisation of this exit
-        if n_leave == 0:
-            continue
-        n_stay = remaining.numel() - n_leave
-        if n_stay == 0:  # all leave (always so for a single sample): nothing to sort
-            done, leaving = remaining, class_logits
-        else:
-            order = torch.argsort(leave.to(torch.int8), stable=True)
-            go = order[n_stay:]
-            done, leaving = remaining.index_select(0, go), class_logits.index_select(0, go)
-        logits.index_copy_(0, done, leaving.to(logits.dtype))
-        exit_index.index_fill_(0, done, i)
-        if n_stay == 0:
-            finished = True
-            break
-        stay = order[:n_stay]
-        x = _select(x, stay)
-        remaining = remaining.index_select(0, stay)
-    if not finished:
-        final = stages[n_exits](x)
-        if logits is None:
-            logits = final.new_empty((batch, final.shape[1]))
-        logits.index_copy_(0, remaining, final.to(logits.dtype))
+            logits = split.logits.new_empty((batch, split.logits.shape[1]))
+        if split.leave.numel():
+            logits.index_copy_(0, split.leave, split.logits.to(logits.dtype))
+            exit_index.index_fill_(0, split.leave, i)
+        x, remaining = split.features, split.stay
     if logits is None:  # an empty batch
         logits = x.new_empty((0, num_classes))
+    if remaining.numel():
+        logits.index_copy_(0, remaining, stages[n_exits](x).to(logits.dtype))
     return EarlyExitResult(logits, exit_index, costs.to(device)[exit_index])
