@@ -12,6 +12,12 @@ Only what the net itself can tell is recorded about the backbone: its timm archi
 `num_classes`, `in_chans` and a non-zero `drop_rate`. A backbone built with other constructor
 arguments (a different `drop_path_rate`, widths, a torchvision model, your own class) is
 rebuilt by you and passed as `load(path, backbone=model)`.
+
+A file is data, never code: `load` rebuilds a backbone only from a registered timm name and
+the plain architecture settings in `ARCHITECTURE_KWARGS`, each a JSON number, string, bool,
+null or list of them. Anything else in the file (`checkpoint_path`, `pretrained`,
+`pretrained_cfg_overlay`, a `hf-hub:` or `local-dir:` name, ...) would make timm read another
+file or fetch weights, so it is refused before timm is called.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,13 +38,54 @@ from earlyexit.errors import CheckpointError, EarlyExitError
 from earlyexit.graph import trace_model
 from earlyexit.model import EarlyExitConfig, EarlyExitNet, _assemble
 
-__all__ = ["FORMAT_VERSION", "METADATA_KEY", "load", "read_metadata", "save"]
+__all__ = ["ARCHITECTURE_KWARGS", "FORMAT_VERSION", "METADATA_KEY", "load", "read_metadata", "save"]
 
 FORMAT_VERSION = 1
 """The version of the file layout that `save` writes and `load` reads (and older)."""
 
 METADATA_KEY = "earlyexit"
 """The safetensors metadata key holding the JSON document."""
+
+ARCHITECTURE_KWARGS = frozenset(
+    {
+        # What `save` writes.
+        "num_classes",
+        "in_chans",
+        "drop_rate",
+        # The paper's backbones.
+        "depth",
+        "width",
+        "widths",
+        "shortcut",
+        "zero_init_last",
+        # Plain shape and regularisation settings of timm's families.
+        "global_pool",
+        "drop_path_rate",
+        "drop_block_rate",
+        "output_stride",
+        "img_size",
+        "patch_size",
+        "embed_dim",
+        "depths",
+        "dims",
+        "layers",
+        "num_heads",
+        "mlp_ratio",
+        "window_size",
+        "growth_rate",
+        "block_config",
+        "channels",
+        "class_token",
+        "qkv_bias",
+    }
+)
+"""The timm constructor arguments `load` passes on when it rebuilds a backbone from a file.
+
+An explicit list of architecture settings: none of them names a file, a URL or weights, so
+a crafted file cannot make `load` read anything but itself.
+"""
+
+_FILE_WORDS = re.compile(r"checkpoint|pretrained|file|path|url|overlay|hub|cache|dir")
 
 
 def save(net: EarlyExitNet, path: str | os.PathLike[str]) -> None:
@@ -144,10 +192,12 @@ def load(
     """Rebuild an early-exit network from a file written by `save`.
 
     Without `backbone`, the backbone is created with `timm.create_model(architecture,
-    pretrained=False, **kwargs)` from the file (timm models only). With it, the file's weights
-    are loaded into that model, which must be of the saved architecture. Either way the model
-    is only traced and split at the saved exits; the MACs and costs come from the file. All
-    checks pass before any weight is copied, so a failed load leaves `backbone` untouched.
+    pretrained=False, **kwargs)` from the file (timm models only); `kwargs` may hold only the
+    plain settings in `ARCHITECTURE_KWARGS`, so nothing but `path` is ever read. With it, the
+    file's weights are loaded into that model, which must be of the saved architecture. Either
+    way the model is only traced and split at the saved exits; the MACs and costs come from the
+    file. All checks pass before any weight is copied, so a failed load leaves `backbone`
+    untouched.
 
     Args:
         path: a file written by `save`.
@@ -159,8 +209,9 @@ def load(
 
     Raises:
         FileNotFoundError: when there is no such file.
-        CheckpointError: when the file is not a complete earlyexit file, is corrupted, or
-            does not fit `backbone` (other architecture, missing or extra tensors).
+        CheckpointError: when the file is not a complete earlyexit file, is corrupted, asks
+            for backbone arguments other than plain architecture settings, or does not fit
+            `backbone` (other architecture, missing or extra tensors).
 
     Example:
         >>> import os, tempfile, timm, earlyexit
@@ -373,7 +424,7 @@ def _create_backbone(meta: Mapping[str, Any], path: str) -> nn.Module:
             "so it cannot be rebuilt from the file. Hint: create the model yourself and pass "
             "it: `earlyexit.load(path, backbone=model)`."
         )
-    kwargs = dict(spec.get("kwargs") or {})
+    kwargs = _architecture_kwargs(arch, spec.get("kwargs"), path)
     try:
         return timm.create_model(arch, pretrained=False, **kwargs)
     except Exception as err:
@@ -382,6 +433,51 @@ def _create_backbone(meta: Mapping[str, Any], path: str) -> nn.Module:
             "import the module that registers it, or create the model yourself and pass it: "
             "`earlyexit.load(path, backbone=model)`."
         ) from err
+
+
+def _architecture_kwargs(arch: object, kwargs: object, path: str) -> dict[str, Any]:
+    """The file's backbone arguments, refused unless each is a plain architecture setting."""
+    if not isinstance(arch, str) or ":" in arch or "/" in arch or "\\" in arch:
+        raise CheckpointError(
+            f"{path!r} names the backbone architecture {arch!r}, which is not a timm model "
+            "name: earlyexit rebuilds only registered timm models, never from the Hub or a "
+            "folder. Hint: create the model yourself and pass it: "
+            "`earlyexit.load(path, backbone=model)`."
+        )
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping):
+        raise CheckpointError(
+            f"The backbone arguments in {path!r} are a {type(kwargs).__name__}, not a mapping. "
+            "Hint: the file was edited or corrupted; save the model again."
+        )
+    for key, value in kwargs.items():
+        if key not in ARCHITECTURE_KWARGS:
+            why = (
+                "it would make timm read another file or fetch weights"
+                if _FILE_WORDS.search(str(key))
+                else "it is not an architecture setting earlyexit rebuilds a backbone with"
+            )
+            raise CheckpointError(
+                f"{path!r} asks to create {arch!r} with {key!r}={value!r}, which load refuses: "
+                f"{why}. Hint: a file written by `earlyexit.save` never holds it; create the "
+                "model yourself and pass it: `earlyexit.load(path, backbone=model)`."
+            )
+        if not _is_plain(value):
+            raise CheckpointError(
+                f"{path!r} asks to create {arch!r} with {key!r}={value!r}, which load refuses: "
+                "an architecture setting is a JSON number, string, bool, null or list of them. "
+                "Hint: the file was edited or corrupted; save the model again, or create the "
+                "model yourself and pass it: `earlyexit.load(path, backbone=model)`."
+            )
+    return dict(kwargs)
+
+
+def _is_plain(value: object) -> bool:
+    """A JSON scalar, or a (nested) list of them."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    return isinstance(value, list) and all(_is_plain(v) for v in value)
 
 
 def _check_tensors(

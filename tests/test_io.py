@@ -302,3 +302,104 @@ def test_round_trip_in_a_fresh_process(net, saved, x, tmp_path):
     torch.testing.assert_close(got["logits"], expected.logits, rtol=0, atol=0)
     torch.testing.assert_close(got["exit_index"], expected.exit_index, rtol=0, atol=0)
     torch.testing.assert_close(got["cost"], expected.cost, rtol=0, atol=0)
+
+
+# --- loading never unpickles: only plain architecture settings rebuild a backbone ------------
+
+
+@pytest.fixture
+def pickle_file(tmp_path, monkeypatch) -> tuple[str, list[str]]:
+    """A real torch.save'd file, and a list that records every `torch.load` call."""
+    other = tmp_path / "other.pth"
+    torch.save({"conv1.weight": torch.zeros(16, 3, 3, 3)}, other)
+    calls: list[str] = []
+
+    def spy(f, *args, **kwargs):
+        calls.append(str(f))
+        raise AssertionError("load must never call torch.load")
+
+    monkeypatch.setattr(torch, "load", spy)
+    return str(other), calls
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("checkpoint_path", "OTHER"),
+        ("pretrained_cfg_overlay", {"file": "OTHER"}),
+        ("pretrained", True),
+        ("pretrained_cfg", {"file": "OTHER"}),
+        ("cache_dir", "OTHER"),
+        ("act_layer", "relu"),
+    ],
+)
+def test_load_refuses_kwargs_that_are_not_architecture_settings(
+    saved, tmp_path, pickle_file, key, value
+):
+    other, calls = pickle_file
+    value = json.loads(json.dumps(value).replace("OTHER", other))
+    kwargs = {**read_metadata(saved)["backbone"]["kwargs"], key: value}
+    bad = tmp_path / "crafted.safetensors"
+    backbone = {**read_metadata(saved)["backbone"], "kwargs": kwargs}
+    _rewrite(saved, bad, meta_update={"backbone": backbone})
+    with pytest.raises(CheckpointError, match=rf"'{key}'.*Hint:"):
+        load(bad)
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("num_classes", {"file": "OTHER"}),
+        ("global_pool", {"path": "OTHER"}),
+        ("widths", [16, {"url": "OTHER"}, 64]),
+    ],
+)
+def test_load_refuses_values_that_are_not_json_scalars_or_lists(
+    saved, tmp_path, pickle_file, key, value
+):
+    other, calls = pickle_file
+    value = json.loads(json.dumps(value).replace("OTHER", other))
+    backbone = read_metadata(saved)["backbone"]
+    backbone["kwargs"] = {**backbone["kwargs"], key: value}
+    bad = tmp_path / "crafted.safetensors"
+    _rewrite(saved, bad, meta_update={"backbone": backbone})
+    with pytest.raises(CheckpointError, match=rf"'{key}'.*Hint:"):
+        load(bad)
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    "architecture", ["hf-hub:timm/resnet18.a1_in1k", "local-dir:OTHER", "hf_hub:timm/resnet18"]
+)
+def test_load_refuses_architectures_from_other_sources(saved, tmp_path, pickle_file, architecture):
+    other, calls = pickle_file
+    backbone = read_metadata(saved)["backbone"]
+    backbone["architecture"] = architecture.replace("OTHER", os.path.dirname(other))
+    bad = tmp_path / "crafted.safetensors"
+    _rewrite(saved, bad, meta_update={"backbone": backbone})
+    with pytest.raises(CheckpointError, match="Hint:"):
+        load(bad)
+    assert calls == []
+
+
+def test_load_rebuilds_with_allowed_architecture_settings(net, saved, tmp_path, x):
+    backbone = read_metadata(saved)["backbone"]
+    backbone["kwargs"] = {
+        **backbone["kwargs"],
+        "widths": [16, 32, 64],
+        "shortcut": "zero_pad",
+        "zero_init_last": True,
+        "global_pool": "avg",
+    }
+    path = tmp_path / "settings.safetensors"
+    _rewrite(saved, path, meta_update={"backbone": backbone})
+    assert_same_inference(net, load(path), x)
+
+
+def test_allowed_settings_name_no_file_or_weights():
+    from earlyexit.io import ARCHITECTURE_KWARGS
+
+    words = ("checkpoint", "pretrained", "file", "path", "url", "overlay", "hub", "cache")
+    for name in ARCHITECTURE_KWARGS - {"drop_path_rate"}:
+        assert not any(word in name for word in words), name
