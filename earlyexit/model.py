@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from earlyexit.errors import PlacementError
+from earlyexit.errors import PlacementError, TraceError
 from earlyexit.flops import (
     Candidate,
     FlopProfile,
@@ -272,6 +272,50 @@ def _choose_exits(prof: FlopProfile, config: EarlyExitConfig, model_name: str) -
     return place_exits([c.fraction for c in prof.candidates], targets)
 
 
+# Where torchvision (and most hand-written) classifiers keep their final layer.
+_CLASSIFIER_ATTRS = ("fc", "classifier", "head", "heads")
+
+
+def _check_has_classifier(model: nn.Module) -> None:
+    """Refuse a headless model: one whose output is its pooled features, not class logits.
+
+    timm models say so themselves (`num_classes == 0`, or `get_classifier()` an identity);
+    for others, a `fc` / `classifier` / `head` / `heads` that is an `nn.Identity` (or a
+    Sequential ending in one) is the usual way to cut the head off.
+    """
+    name = type(model).__name__
+    num_classes = getattr(model, "num_classes", None)
+    get_classifier = getattr(model, "get_classifier", None)
+    if isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes == 0:
+        why = "num_classes=0"
+    elif callable(get_classifier):
+        try:
+            found = get_classifier()
+        except Exception:  # a model's own method; a failure says nothing about its head
+            return
+        found = list(found) if isinstance(found, (tuple, list)) else [found]
+        if not found or not all(isinstance(c, nn.Identity) for c in found):
+            return
+        why = "its `get_classifier()` is an nn.Identity"
+    else:
+        for attr in _CLASSIFIER_ATTRS:
+            head = getattr(model, attr, None)
+            last = head[-1] if isinstance(head, nn.Sequential) and len(head) else head
+            if isinstance(last, nn.Identity):
+                where = f"`{attr}`" if last is head else f"the last layer of `{attr}`"
+                raise TraceError(
+                    f"{name} has no classifier: {where} is an nn.Identity, so its output is "
+                    "pooled features, not class logits. Hint: create it with num_classes=K, "
+                    f"or put a classifier back, e.g. `model.{attr} = nn.Linear(in_features, K)`."
+                )
+        return
+    raise TraceError(
+        f"{name} has no classifier ({why}): its output is pooled features, not class logits. "
+        "Hint: create it with num_classes=K, e.g. `timm.create_model(name, num_classes=K)`, "
+        "or call `model.reset_classifier(K)`."
+    )
+
+
 def convert(
     model: nn.Module,
     n_exits: int | EarlyExitConfig,
@@ -300,7 +344,8 @@ def convert(
 
     Raises:
         ValueError: for bad argument values.
-        TraceError: when the model cannot be traced, profiled or is not a classifier.
+        TraceError: when the model cannot be traced, profiled or is not a classifier (a
+            headless model, its classifier an identity, included).
         PlacementError: when the exits cannot be placed (e.g. too few candidates).
 
     Example:
@@ -313,6 +358,7 @@ def convert(
         raise TypeError(f"Expected `model` to be an nn.Module, got {type(model).__name__}.")
     if isinstance(model, EarlyExitNet):
         raise TypeError("`model` is already an EarlyExitNet. Hint: convert its `backbone`.")
+    _check_has_classifier(model)
     config = _resolve_config(n_exits, dist, exit_type, input_size, threshold)
     config.input_size = resolve_input_size(model, config.input_size)
     traced = trace_model(model, config.input_size)
