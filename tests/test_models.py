@@ -6,6 +6,7 @@ import doctest
 import functools
 import subprocess
 import sys
+import textwrap
 import warnings
 
 import pytest
@@ -105,23 +106,55 @@ def test_timm_finds_our_models(name):
     assert timm.models.model_entrypoint(name).__module__.startswith("earlyexit.")
 
 
-def test_register_replaces_an_existing_name_silently():
+def test_register_replaces_our_own_name_silently():
+    """Registering one of ours again (as reloading its module does) is quiet and ours stays."""
     original = earlyexit.models.cifar_resnet.resnet20
-
-    def resnet20(pretrained: bool = False, **kwargs):
-        return nn.Identity()
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            register(resnet20)
-        assert timm.models.model_entrypoint("resnet20") is resnet20
-    finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            register(original)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert register(original) is original
     assert timm.models.model_entrypoint("resnet20") is original
     assert timm.create_model("resnet20").pretrained_cfg["input_size"] == (3, 32, 32)
+
+
+def test_import_keeps_a_model_that_already_has_the_name():
+    """A `resnet20` registered by someone else before `import earlyexit` stays, with a warning."""
+    script = textwrap.dedent(
+        """
+        import warnings
+
+        import timm
+        from timm.models import register_model
+        from torch import nn
+
+
+        class Dummy(nn.Module):
+            def forward(self, x):
+                return x
+
+
+        @register_model
+        def resnet20(pretrained=False, **kwargs):
+            return Dummy()
+
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import earlyexit
+        found = [
+            str(w.message) for w in caught if issubclass(w.category, earlyexit.EarlyExitWarning)
+        ]
+        assert len(found) == 1 and "resnet20" in found[0] and "Hint:" in found[0], found
+        others = [w for w in caught if not issubclass(w.category, earlyexit.EarlyExitWarning)]
+        assert not others, [str(w.message) for w in others]
+        assert timm.models.model_entrypoint("resnet20") is resnet20
+        assert type(timm.create_model("resnet20")) is Dummy
+        assert type(timm.create_model("resnet32")).__name__ == "CifarResNet"
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def test_import_is_silent():

@@ -6,8 +6,16 @@ import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from timm.models import build_model_with_cfg, register_model, resolve_pretrained_cfg
+from timm.models import (
+    build_model_with_cfg,
+    is_model,
+    model_entrypoint,
+    register_model,
+    resolve_pretrained_cfg,
+)
 from torch import nn
+
+from earlyexit.errors import EarlyExitWarning
 
 __all__ = ["build_model", "make_cfg", "register"]
 
@@ -19,10 +27,12 @@ _WEIGHT_SOURCES = ("url", "file", "state_dict", "hf_hub_id")
 
 
 def register(fn: EntryPointT) -> EntryPointT:
-    """Register a model entry point in timm, replacing any model of the same name without a warning.
+    """Register a model entry point in timm, unless another library's model has the name.
 
-    timm warns when a name is registered twice. Our names are the paper's, so if a timm release
-    ever ships one of them, `import earlyexit` must still be silent and ours must win.
+    A name that is free, or that holds one of ours (a module reloaded), is registered quietly.
+    A name that timm or another package already uses keeps its model: importing earlyexit must
+    not change what `timm.create_model(name)` builds elsewhere in the program, so ours is
+    skipped with an `EarlyExitWarning` (its class, `CifarResNet` or `MnistResNet`, still builds it).
 
     Args:
         fn: the entry point, registered under its `__name__`.
@@ -30,8 +40,22 @@ def register(fn: EntryPointT) -> EntryPointT:
     Returns:
         `fn`, unchanged.
     """
+    name = fn.__name__
+    if is_model(name):
+        current = model_entrypoint(name)
+        owner = getattr(current, "__module__", None) or ""
+        if owner.partition(".")[0] != __name__.partition(".")[0]:
+            warnings.warn(
+                f"timm already has a model named {name!r} (from {owner or 'elsewhere'}), so "
+                f"earlyexit does not register its own {name!r} and `timm.create_model({name!r})` "
+                "still builds that one. Hint: to use ours, build it from its class in "
+                f"`{fn.__module__}` and pass `input_size` to `earlyexit.convert`.",
+                EarlyExitWarning,
+                stacklevel=2,
+            )
+            return fn
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=f"Overwriting {fn.__name__} in registry")
+        warnings.filterwarnings("ignore", message=f"Overwriting {name} in registry")
         return register_model(fn)
 
 
