@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -11,7 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from earlyexit.errors import PlacementError, TraceError
+from earlyexit.errors import EarlyExitWarning, PlacementError, TraceError
 from earlyexit.flops import (
     Candidate,
     FlopProfile,
@@ -23,7 +24,7 @@ from earlyexit.graph import CutPoint, TracedModel, split_stages, trace_model
 from earlyexit.heads import ExitHead, canonical_exit_type
 from earlyexit.inference import check_threshold, run_early_exit
 from earlyexit.outputs import EarlyExitResult, ExitOutputs
-from earlyexit.placement import canonical_dist, distribution_targets, place_exits
+from earlyexit.placement import canonical_dist, distribution_targets, fit_exits
 
 __all__ = ["EarlyExitConfig", "EarlyExitNet", "convert"]
 
@@ -250,7 +251,10 @@ def _resolve_config(
     )
 
 
-def _choose_exits(prof: FlopProfile, config: EarlyExitConfig, model_name: str) -> list[int]:
+def _choose_exits(
+    prof: FlopProfile, config: EarlyExitConfig, model_name: str
+) -> tuple[list[int], list[str]]:
+    """The candidates to put the exits after, and the warnings the placement gives."""
     names = prof.names()
     if config.exit_names is not None:
         missing = [n for n in config.exit_names if n not in names]
@@ -262,14 +266,58 @@ def _choose_exits(prof: FlopProfile, config: EarlyExitConfig, model_name: str) -
         picks = [names.index(n) for n in config.exit_names]
         if picks != sorted(set(picks)):
             raise PlacementError(f"`exit_names` {config.exit_names} are not in execution order.")
-        return picks
+        return picks, []
     if config.n_exits > len(names):
         raise PlacementError(
             f"{model_name} has {len(names)} candidate exit points but n_exits={config.n_exits}. "
             "Hint: `earlyexit.profile(model)` lists them; use fewer exits."
         )
     targets = distribution_targets(config.dist, config.n_exits)
-    return place_exits([c.fraction for c in prof.candidates], targets)
+    heads: dict[tuple[tuple[int, ...], int], int] = {}
+    for c in prof.candidates:
+        key = (c.shape, c.channel_axis)
+        if key not in heads:
+            heads[key] = _head_macs(config.exit_type, c.shape, c.channel_axis, prof.num_classes)
+    head_fractions = [heads[(c.shape, c.channel_axis)] / prof.total_macs for c in prof.candidates]
+    try:
+        plan = fit_exits([c.fraction for c in prof.candidates], head_fractions, targets)
+    except PlacementError as err:
+        raise PlacementError(f"{model_name}: {err}") from err
+    notes = []
+    if plan.squeezed:
+        moved = ", ".join(f"{i} ({names[plan.picks[i]]})" for i in plan.squeezed)
+        notes.append(
+            f"{model_name}: the {config.dist} rule's picks for {config.n_exits} exits run past "
+            "the last cut points where every exit costs less than the model, so exits "
+            f"{moved} were squeezed to earlier ones. Hint: use fewer exits or another `dist`; "
+            "`earlyexit.profile(model)` lists the candidates."
+        )
+    if plan.crowded:
+        pairs = ", ".join(
+            f"{i - 1} ({names[plan.picks[i - 1]]}) and {i} ({names[plan.picks[i]]})"
+            for i in plan.crowded
+        )
+        notes.append(
+            f"{model_name}: exits {pairs} are less than half a block apart (one block is "
+            f"{plan.block:.3f} of the model's MACs, the median between candidates), so they see "
+            "nearly the same features. Hint: use fewer exits or another `dist`."
+        )
+    return plan.picks, notes
+
+
+def _head_macs(exit_type: str, shape: tuple[int, ...], channel_axis: int, num_classes: int) -> int:
+    """MACs of the exit head a candidate would get, counted without allocating its weights.
+
+    The global random state is left alone, so the net's own heads start as they would have.
+    """
+    try:
+        with torch.device("meta"):
+            head = ExitHead(exit_type, shape, channel_axis, num_classes)
+        return count_macs(head, torch.zeros(1, *shape, device="meta"))
+    except Exception:  # a head that cannot run on the meta device is counted for real
+        with torch.random.fork_rng(devices=[]):
+            head = ExitHead(exit_type, shape, channel_axis, num_classes)
+        return count_macs(head, torch.zeros(1, *shape))
 
 
 # Where torchvision (and most hand-written) classifiers keep their final layer.
@@ -363,7 +411,9 @@ def convert(
     config.input_size = resolve_input_size(model, config.input_size)
     traced = trace_model(model, config.input_size)
     prof = profile_traced(traced)
-    picks = _choose_exits(prof, config, type(model).__name__)
+    picks, notes = _choose_exits(prof, config, type(model).__name__)
+    for note in notes:
+        warnings.warn(note, EarlyExitWarning, stacklevel=2)
     chosen = [prof.candidates[k] for k in picks]
     config.exit_names = [c.name for c in chosen]
     cumulative = [c.cumulative_macs for c in chosen] + [prof.total_macs]
