@@ -1,4 +1,4 @@
-"""Exit heads: `plain`, `pool` and `bnpool`.
+"""Exit heads: `plain`, `pool`, `bnpool` (the paper's) and `conv` (the library's default).
 
 Each head takes one feature tensor and returns `(class_logits, confidence_logit)` of shapes
 `(B, num_classes)` and `(B,)`. The feature may be channels-first `(B, C, H, W)`, channels-last
@@ -8,6 +8,15 @@ Each head takes one feature tensor and returns `(class_logits, confidence_logit)
 - `pool`: global average pool over every axis but batch and channels, then the two branches.
 - `bnpool`: BatchNorm (LayerNorm over the channels for channels-last features and tokens),
   ReLU, global average pool, then the two branches.
+- `conv`: average pool to a grid of at most 4×4, one 3×3 convolution to `conv_width(C)`
+  channels, BatchNorm and ReLU (for channels-last features and tokens: LayerNorm, a linear
+  layer to that width and GELU), global average pool, then the two branches, in the manner of
+  MSDNet's and SDN's exits. The confidence branch also sees how sure the exit's own
+  classifier is: the log-probability of its top class and the margin between its two top
+  logits (detached, so training the confidence never changes the classifier). A linear probe
+  on the backbone's features is too weak an exit early in the network; one more layer lets
+  the exit compute features of its own, and pooling first keeps that layer cheap (its MACs
+  are counted in the exit's cost).
 """
 
 from __future__ import annotations
@@ -19,7 +28,32 @@ from torch import nn
 
 __all__ = ["EXIT_TYPES", "ExitHead", "canonical_exit_type", "create_head"]
 
-EXIT_TYPES = ("plain", "pool", "bnpool")
+EXIT_TYPES = ("plain", "pool", "bnpool", "conv")
+
+#: The narrowest hidden width of a `conv` head.
+CONV_MIN_WIDTH = 32
+
+
+def conv_width(channels: int) -> int:
+    """The hidden width of a `conv` head on a feature with `channels` channels.
+
+    A quarter of the channels, but at least `CONV_MIN_WIDTH` and never more than `channels`:
+    a thin early feature keeps its width (16 channels in a CIFAR ResNet), a wide one is cheap
+    (256 channels in ResNet-50's `layer1` give 64).
+    """
+    return min(channels, max(CONV_MIN_WIDTH, channels // 4))
+
+
+def certainty(class_logits: torch.Tensor) -> torch.Tensor:
+    """`(B, 2)`: the top class's log-probability and the margin between the two top logits.
+
+    Computed on detached logits, in float32: inputs of a `conv` head's confidence branch.
+    """
+    z = class_logits.detach().float()
+    top = z.topk(min(2, z.shape[1]), dim=1).values
+    log_p = top[:, 0] - torch.logsumexp(z, dim=1)
+    margin = top[:, 0] - top[:, -1]
+    return torch.stack((log_p, margin), dim=1).to(class_logits.dtype)
 
 
 def canonical_exit_type(exit_type: str) -> str:
@@ -39,7 +73,7 @@ class ExitHead(nn.Module):
     """An early-exit block: a classification branch and a confidence branch on one feature.
 
     Args:
-        exit_type: `plain`, `pool` or `bnpool`.
+        exit_type: `plain`, `pool`, `bnpool` or `conv`.
         shape: the feature's shape for one sample, without the batch axis.
         channel_axis: the axis of the batched feature `(B, *shape)` holding the channels.
         num_classes: outputs of the classification branch.
@@ -56,20 +90,46 @@ class ExitHead(nn.Module):
         channels = self.shape[self.channel_axis - 1]
         self.pool_dims = tuple(d for d in range(1, ndim) if d != self.channel_axis)
         self.norm: nn.Module | None = None
-        if self.exit_type == "bnpool":
+        self.conv: nn.Module | None = None
+        in_features = math.prod(self.shape) if self.exit_type == "plain" else channels
+        extra = 0
+        if self.exit_type == "conv":
+            in_features = conv_width(channels)
+            extra = 2  # the classifier's certainty
+            if self.channel_axis == 1 and ndim == 4:
+                # Windows of ceil(H / 4) × ceil(W / 4): a grid of at most 4×4, static shapes.
+                kernel = tuple(-(-n // 4) for n in self.shape[1:])
+                self.conv = nn.Sequential(
+                    nn.AvgPool2d(kernel, kernel, ceil_mode=True),
+                    nn.Conv2d(channels, in_features, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(in_features),
+                    nn.ReLU(inplace=True),
+                )
+            else:
+                self.conv = nn.Sequential(
+                    nn.LayerNorm(channels), nn.Linear(channels, in_features), nn.GELU()
+                )
+        elif self.exit_type == "bnpool":
             if self.channel_axis == 1 and ndim == 4:
                 self.norm = nn.BatchNorm2d(channels)
             elif self.channel_axis == 1 and ndim == 3:
                 self.norm = nn.BatchNorm1d(channels)
             else:
                 self.norm = nn.LayerNorm(channels)
-        in_features = math.prod(self.shape) if self.exit_type == "plain" else channels
         self.classifier = nn.Linear(in_features, num_classes)
-        self.confidence = nn.Linear(in_features, 1)
+        self.confidence = nn.Linear(in_features + extra, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.exit_type == "plain":
             z = x.flatten(1)
+        elif self.conv is not None:
+            if isinstance(self.conv[0], nn.AvgPool2d):
+                z = self.conv(x).mean(dim=(2, 3))
+            else:
+                x = self.conv(x.movedim(self.channel_axis, -1))
+                z = x.mean(dim=tuple(range(1, x.ndim - 1)))
+            logits = self.classifier(z)
+            return logits, self.confidence(torch.cat((z, certainty(logits)), dim=1)).squeeze(-1)
         else:
             if self.norm is not None:
                 if isinstance(self.norm, nn.LayerNorm) and self.channel_axis != x.ndim - 1:

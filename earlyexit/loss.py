@@ -42,16 +42,29 @@ __all__ = [
     "versions",
 ]
 
-LossVersion = Literal["v2+ce", "v2", "v1", "mc", "cost"]
+LossVersion = Literal["exits", "v2+ce", "v2", "v1", "mc", "cost"]
 
-#: Every accepted `version`: the library's objective first, then the paper's four formulas.
-versions: tuple[str, ...] = ("v2+ce", "v2", "v1", "mc", "cost")
+#: Every accepted `version`: the library's objectives first, then the paper's four formulas.
+versions: tuple[str, ...] = ("exits", "v2+ce", "v2", "v1", "mc", "cost")
 
 #: The version `EENetLoss` and `eenet_loss` use when none is given.
-DEFAULT_VERSION: LossVersion = "v2+ce"
+DEFAULT_VERSION: LossVersion = "exits"
 
-#: The weight w of the per-exit cross-entropy term of `"v2+ce"` when none is given.
-DEFAULT_EXIT_CE_WEIGHT: float = 0.5
+#: The weight w of the per-exit terms when none is given, per version that has them.
+DEFAULT_EXIT_CE_WEIGHTS: dict[str, float] = {"exits": 1.0, "v2+ce": 0.5}
+
+#: The weight w of `"v2+ce"`'s per-exit cross-entropy when none is given.
+DEFAULT_EXIT_CE_WEIGHT: float = DEFAULT_EXIT_CE_WEIGHTS["v2+ce"]
+
+#: α of `"exits"` when none is given: the share of distillation in an early exit's term.
+DEFAULT_DISTILL: float = 0.0
+
+#: τ of the distillation when none is given.
+DEFAULT_TEMPERATURE: float = 3.0
+
+#: q of `"exits"` when none is given: the accuracy an early exit must expect of a sample
+#: before the confidence h reaches 0.5 (so before the default threshold lets it leave).
+DEFAULT_EXIT_PRECISION: float = 0.95
 
 
 def _check_version(version: object) -> None:
@@ -60,24 +73,24 @@ def _check_version(version: object) -> None:
         raise ValueError(f"Expected `version` to be one of {valid}, got {version!r}.")
 
 
-def _check_non_negative(name: str, value: object) -> float:
+def _check_real(name: str, value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"Expected `{name}` to be a non-negative float, got {type(value).__name__} {value!r}."
-        )
-    value = float(value)
+        raise TypeError(f"Expected `{name}` to be {what}, got {type(value).__name__} {value!r}.")
+    return float(value)
+
+
+def _check_non_negative(name: str, value: object) -> float:
+    value = _check_real(name, value, "a non-negative float")
     if not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"Expected `{name}` to be a non-negative float, got {value!r}.")
+        raise ValueError(
+            f"Expected `{name}` to be a non-negative float, got {value!r}. Hint: "
+            + ("λ = 1.0 is the paper's value." if name == "lam" else "0 turns the term off.")
+        )
     return value
 
 
 def _check_label_smoothing(label_smoothing: object) -> float:
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
-        raise TypeError(
-            "Expected `label_smoothing` to be a float in [0, 1), got "
-            f"{type(label_smoothing).__name__} {label_smoothing!r}."
-        )
-    label_smoothing = float(label_smoothing)
+    label_smoothing = _check_real("label_smoothing", label_smoothing, "a float in [0, 1)")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(
             f"Expected `label_smoothing` to be a float in [0, 1), got {label_smoothing!r}."
@@ -87,15 +100,57 @@ def _check_label_smoothing(label_smoothing: object) -> float:
 
 def _resolve_exit_ce_weight(version: str, exit_ce_weight: object) -> float:
     if exit_ce_weight is None:
-        return DEFAULT_EXIT_CE_WEIGHT if version == "v2+ce" else 0.0
+        return DEFAULT_EXIT_CE_WEIGHTS.get(version, 0.0)
     weight = _check_non_negative("exit_ce_weight", exit_ce_weight)
-    if version != "v2+ce" and weight != 0.0:
+    if version not in DEFAULT_EXIT_CE_WEIGHTS and weight != 0.0:
         raise ValueError(
-            f"`exit_ce_weight` is only used by version 'v2+ce', got version={version!r} with "
-            f"exit_ce_weight={weight!r}. Hint: the paper's versions are exact; use "
-            "version='v2+ce' to add the per-exit cross-entropy."
+            f"`exit_ce_weight` is only used by versions 'exits' and 'v2+ce', got "
+            f"version={version!r} with exit_ce_weight={weight!r}. Hint: the paper's versions "
+            "are exact; use version='v2+ce' to add the per-exit cross-entropy to L_v2."
         )
     return weight
+
+
+def _resolve_exits_options(
+    version: str, distill: object, temperature: object, exit_precision: object
+) -> tuple[float, float, float]:
+    """Check `"exits"`' options (α, τ, q); other versions take none of them."""
+    given = {"distill": distill, "temperature": temperature, "exit_precision": exit_precision}
+    if version != "exits":
+        used = [name for name, value in given.items() if value is not None]
+        if used:
+            raise ValueError(
+                f"`{used[0]}` is only used by version 'exits', got version={version!r}. "
+                "Hint: leave it out, or use version='exits'."
+            )
+        return 0.0, DEFAULT_TEMPERATURE, DEFAULT_EXIT_PRECISION
+    alpha = DEFAULT_DISTILL if distill is None else _check_real("distill", distill, "a float")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(
+            f"Expected `distill` (α) to be in [0, 1], got {alpha!r}. Hint: 0 trains the early "
+            "exits on the labels only, 1 on the final exit's predictions only."
+        )
+    tau = (
+        DEFAULT_TEMPERATURE
+        if temperature is None
+        else _check_real("temperature", temperature, "a positive float")
+    )
+    if not (math.isfinite(tau) and tau > 0.0):
+        raise ValueError(
+            f"Expected `temperature` (τ) to be a positive float, got {tau!r}. Hint: 1 keeps "
+            "the final exit's probabilities as they are; 3 (the default) softens them."
+        )
+    q = (
+        DEFAULT_EXIT_PRECISION
+        if exit_precision is None
+        else _check_real("exit_precision", exit_precision, "a float in (0, 1)")
+    )
+    if not 0.0 < q < 1.0:
+        raise ValueError(
+            f"Expected `exit_precision` (q) to be a float in (0, 1), got {q!r}. Hint: 0.95 "
+            "lets a sample leave when its exit expects to be right 95 % of the time."
+        )
+    return alpha, tau, q
 
 
 def _check_outputs(outputs: ExitOutputs) -> tuple[list[Tensor], list[Tensor], Tensor]:
@@ -219,6 +274,40 @@ def _soft_costs(confidence_logits: list[Tensor], costs: Tensor) -> list[Tensor]:
     return soft
 
 
+def _exits_loss(
+    log_probs: list[Tensor],
+    logits: list[Tensor],
+    confidence_logits: list[Tensor],
+    target: Tensor,
+    weight: float,
+    alpha: float,
+    tau: float,
+    q: float,
+    label_smoothing: float,
+) -> Tensor:
+    """`"exits"`: the final exit's CE, w × each early exit's term, and the confidences' BCE."""
+    loss = _cross_entropy(log_probs[-1], target, label_smoothing)
+    if alpha:
+        teacher = F.softmax(logits[-1].detach().to(log_probs[0].dtype) / tau, dim=1)
+    labels = target.argmax(dim=1) if target.is_floating_point() else target
+    offset = math.log(q / (1.0 - q))
+    early = []
+    for z, p, a in zip(logits[:-1], log_probs[:-1], confidence_logits, strict=True):
+        term = _cross_entropy(p, target, label_smoothing)
+        if alpha:
+            student = F.log_softmax(z.to(p.dtype) / tau, dim=1)
+            kl = F.kl_div(student, teacher, reduction="batchmean") * tau**2
+            term = (1.0 - alpha) * term + alpha * kl
+        # h = sigmoid(a) is trained so that sigmoid(a + logit q) estimates P(exit right):
+        # h >= 0.5 exactly when the exit expects to be right with probability >= q.
+        right = (p.detach().argmax(dim=1) == labels).to(p.dtype)
+        bce = F.binary_cross_entropy_with_logits(a + offset, right)
+        early.append(weight * term + bce)
+    if early:
+        loss = loss + torch.stack(early).sum()
+    return loss
+
+
 def eenet_loss(
     outputs: ExitOutputs,
     target: Tensor,
@@ -226,6 +315,9 @@ def eenet_loss(
     version: LossVersion = DEFAULT_VERSION,
     *,
     exit_ce_weight: float | None = None,
+    distill: float | None = None,
+    temperature: float | None = None,
+    exit_precision: float | None = None,
     label_smoothing: float = 0.0,
     validate: bool = True,
 ) -> Tensor:
@@ -233,12 +325,19 @@ def eenet_loss(
 
     Versions (notation in the module docstring; CE is the batch mean, λ = `lam`):
 
-    - `"v2+ce"` (default): L_v2 plus a per-exit cross-entropy,
-      L_v2 + w · Σ_{i=0..N} CE(y, ŷ_i), with ŷ_i = softmax(z_i) each exit's own prediction
-      and w = `exit_ce_weight`. Under a faithful L_v2, exit i's classifier gets gradient only
-      through h_i, so once an early h_i collapses towards 0 that classifier stops learning
-      (measured: resnet8 with 2 exits on MNIST left the early classifiers at chance after 2
-      epochs). The extra term trains every exit's own classifier directly, as SDN and ZTW do.
+    - `"exits"` (default): every exit learns its own classifier and the early exits learn
+      when to trust it, CE(y, ŷ_N) + Σ_{i<N} [w · ((1 − α) CE(y, ŷ_i) + α τ² KL(ŷ_N^τ ‖ ŷ_i^τ))
+      + BCE(a_i + logit q, 1[ŷ_i right])], with ŷ_i = softmax(z_i), ŷ^τ the softmax at
+      temperature τ, the final exit's ŷ_N^τ a detached teacher, w = `exit_ce_weight`,
+      α = `distill`, τ = `temperature` and q = `exit_precision`. The confidence h_i =
+      sigmoid(a_i) is trained to say whether exit i is right (the label detached), shifted so
+      that h_i ≥ 0.5 when exit i expects to be right with probability ≥ q: the default
+      threshold then keeps the accuracy. λ is not used. The docs' training-recipe page has
+      the ablation behind it.
+    - `"v2+ce"`: L_v2 plus a per-exit cross-entropy, L_v2 + w · Σ_{i=0..N} CE(y, ŷ_i) (the
+      library's default before `"exits"`). Under a faithful L_v2, exit i's classifier gets
+      gradient only through h_i, so once an early h_i collapses towards 0 that classifier
+      stops learning; the extra term trains every exit's own classifier directly.
     - `"v2"`: the paper's L_v2 (Eq. 9), Σ_{i=0..N} [CE(y, Ŷ_i) + λ · mean(C_i)].
     - `"v1"`: the paper's L_v1 (Eq. 8), CE(y, Ŷ_0) + λ · mean(C_0).
     - `"mc"`: the classification part of L_v2 alone, Σ_{i=0..N} CE(y, Ŷ_i) (λ is not used).
@@ -257,8 +356,14 @@ def eenet_loss(
             targets are not checked to sum to one.
         lam: λ, the weight of the cost terms.
         version: which objective; one of `versions`.
-        exit_ce_weight: w, the weight of the per-exit cross-entropy of `"v2+ce"`; `None`
-            means `DEFAULT_EXIT_CE_WEIGHT`. The paper's versions take none (or 0).
+        exit_ce_weight: w, the weight of the early exits' terms of `"exits"` and of the
+            per-exit cross-entropy of `"v2+ce"`; `None` means the version's entry of
+            `DEFAULT_EXIT_CE_WEIGHTS`. The paper's versions take none (or 0).
+        distill: α in [0, 1] of `"exits"`, the share of self-distillation from the final
+            exit in each early exit's term; `None` means `DEFAULT_DISTILL`.
+        temperature: τ > 0 of the distillation; `None` means `DEFAULT_TEMPERATURE`.
+        exit_precision: q in (0, 1) of `"exits"`: h_i ≥ 0.5 means exit i expects to be right
+            with probability ≥ q; `None` means `DEFAULT_EXIT_PRECISION`.
         label_smoothing: ε in [0, 1); every CE is taken against (1 − ε) · target + ε / K.
         validate: check that class indices lie in `[0, K)`. The check costs one host sync
             per call on GPU; turn it off once the data pipeline is trusted.
@@ -268,8 +373,9 @@ def eenet_loss(
 
     Raises:
         TypeError: an argument has the wrong type (a non-number `lam`, a bool target, ...).
-        ValueError: an unknown version, a negative or non-finite `lam`, shapes that don't
-            match each other, or class indices out of range.
+        ValueError: an unknown version, a negative or non-finite `lam`, a setting out of
+            range or given to a version that does not use it, distillation with no early
+            exits, shapes that don't match each other, or class indices out of range.
 
     Example:
         >>> import torch
@@ -290,10 +396,16 @@ def eenet_loss(
     _check_version(version)
     lam = _check_non_negative("lam", lam)
     exit_ce_weight = _resolve_exit_ce_weight(version, exit_ce_weight)
+    alpha, tau, q = _resolve_exits_options(version, distill, temperature, exit_precision)
     label_smoothing = _check_label_smoothing(label_smoothing)
     logits, confidence_logits, costs = _check_outputs(outputs)
     batch, num_classes = logits[0].shape
     _check_target(target, batch, num_classes, validate)
+    if alpha and len(logits) < 2:
+        raise ValueError(
+            "Expected early exits to distill into, got a net with none (only the final exit). "
+            "Hint: use distill=0, or convert with n_exits >= 1."
+        )
 
     # Low-precision logits (autocast) would lose the small mixture terms; the loss is cheap.
     dtype = torch.promote_types(logits[0].dtype, torch.float32)
@@ -304,6 +416,18 @@ def eenet_loss(
         return torch.stack([c.mean() for c in _soft_costs(confidence_logits, costs)]).sum()
 
     log_probs = [F.log_softmax(z.to(dtype), dim=1) for z in logits]
+    if version == "exits":
+        return _exits_loss(
+            log_probs,
+            logits,
+            confidence_logits,
+            target,
+            exit_ce_weight,
+            alpha,
+            tau,
+            q,
+            label_smoothing,
+        )
     mixtures = _mixture_log_probs(log_probs, confidence_logits)
     if version == "v1":
         soft_cost_0 = _soft_costs(confidence_logits, costs)[0]
@@ -326,12 +450,19 @@ class EENetLoss(nn.Module):
     A thin wrapper of `eenet_loss` that checks and keeps its settings. Versions (notation
     in the module docstring; CE is the batch mean, λ = `lam`):
 
-    - `"v2+ce"` (default): L_v2 plus a per-exit cross-entropy,
-      L_v2 + w · Σ_{i=0..N} CE(y, ŷ_i), with ŷ_i = softmax(z_i) each exit's own prediction
-      and w = `exit_ce_weight`. Under a faithful L_v2, exit i's classifier gets gradient only
-      through h_i, so once an early h_i collapses towards 0 that classifier stops learning
-      (measured: resnet8 with 2 exits on MNIST left the early classifiers at chance after 2
-      epochs). The extra term trains every exit's own classifier directly, as SDN and ZTW do.
+    - `"exits"` (default): every exit learns its own classifier and the early exits learn
+      when to trust it, CE(y, ŷ_N) + Σ_{i<N} [w · ((1 − α) CE(y, ŷ_i) + α τ² KL(ŷ_N^τ ‖ ŷ_i^τ))
+      + BCE(a_i + logit q, 1[ŷ_i right])], with ŷ_i = softmax(z_i), ŷ^τ the softmax at
+      temperature τ, the final exit's ŷ_N^τ a detached teacher, w = `exit_ce_weight`,
+      α = `distill`, τ = `temperature` and q = `exit_precision`. The confidence h_i =
+      sigmoid(a_i) is trained to say whether exit i is right (the label detached), shifted so
+      that h_i ≥ 0.5 when exit i expects to be right with probability ≥ q: the default
+      threshold then keeps the accuracy. λ is not used. The docs' training-recipe page has
+      the ablation behind it.
+    - `"v2+ce"`: L_v2 plus a per-exit cross-entropy, L_v2 + w · Σ_{i=0..N} CE(y, ŷ_i) (the
+      library's default before `"exits"`). Under a faithful L_v2, exit i's classifier gets
+      gradient only through h_i, so once an early h_i collapses towards 0 that classifier
+      stops learning; the extra term trains every exit's own classifier directly.
     - `"v2"`: the paper's L_v2 (Eq. 9), Σ_{i=0..N} [CE(y, Ŷ_i) + λ · mean(C_i)].
     - `"v1"`: the paper's L_v1 (Eq. 8), CE(y, Ŷ_0) + λ · mean(C_0).
     - `"mc"`: the classification part of L_v2 alone, Σ_{i=0..N} CE(y, Ŷ_i) (λ is not used).
@@ -341,8 +472,14 @@ class EENetLoss(nn.Module):
     Args:
         lam: λ, the weight of the cost terms.
         version: which objective; one of `versions`, `DEFAULT_VERSION` when not given.
-        exit_ce_weight: w, the weight of the per-exit cross-entropy of `"v2+ce"`; `None`
-            means `DEFAULT_EXIT_CE_WEIGHT`. The paper's versions take none (or 0).
+        exit_ce_weight: w, the weight of the early exits' terms of `"exits"` and of the
+            per-exit cross-entropy of `"v2+ce"`; `None` means the version's entry of
+            `DEFAULT_EXIT_CE_WEIGHTS`. The paper's versions take none (or 0).
+        distill: α in [0, 1] of `"exits"`, the share of self-distillation from the final
+            exit in each early exit's term; `None` means `DEFAULT_DISTILL`.
+        temperature: τ > 0 of the distillation; `None` means `DEFAULT_TEMPERATURE`.
+        exit_precision: q in (0, 1) of `"exits"`: h_i ≥ 0.5 means exit i expects to be right
+            with probability ≥ q; `None` means `DEFAULT_EXIT_PRECISION`.
         label_smoothing: ε in [0, 1); every CE is taken against (1 − ε) · target + ε / K.
         validate: check each batch's class indices lie in `[0, K)` (one host sync per call
             on GPU).
@@ -357,14 +494,14 @@ class EENetLoss(nn.Module):
         >>> from earlyexit.loss import EENetLoss
         >>> criterion = EENetLoss(lam=1.0)
         >>> criterion
-        EENetLoss(lam=1.0, version='v2+ce', exit_ce_weight=0.5)
+        EENetLoss(lam=1.0, version='exits', exit_ce_weight=1.0, distill=0.0, exit_precision=0.95)
         >>> outputs = ExitOutputs(
         ...     logits=[torch.zeros(4, 3), torch.zeros(4, 3)],
         ...     confidence_logits=[torch.zeros(4)],
         ...     costs=torch.tensor([0.5, 1.0]),
         ... )
         >>> round(criterion(outputs, torch.tensor([0, 1, 2, 0])).item(), 4)
-        5.0458
+        3.7207
     """
 
     versions: tuple[str, ...] = versions
@@ -375,6 +512,9 @@ class EENetLoss(nn.Module):
         version: LossVersion = DEFAULT_VERSION,
         *,
         exit_ce_weight: float | None = None,
+        distill: float | None = None,
+        temperature: float | None = None,
+        exit_precision: float | None = None,
         label_smoothing: float = 0.0,
         validate: bool = True,
     ) -> None:
@@ -383,6 +523,9 @@ class EENetLoss(nn.Module):
         self.lam = _check_non_negative("lam", lam)
         self.version = version
         self.exit_ce_weight = _resolve_exit_ce_weight(version, exit_ce_weight)
+        self.distill, self.temperature, self.exit_precision = _resolve_exits_options(
+            version, distill, temperature, exit_precision
+        )
         self.label_smoothing = _check_label_smoothing(label_smoothing)
         self.validate = bool(validate)
 
@@ -401,15 +544,29 @@ class EENetLoss(nn.Module):
             target,
             lam=self.lam,
             version=self.version,  # type: ignore[arg-type]
-            exit_ce_weight=self.exit_ce_weight if self.version == "v2+ce" else None,
+            exit_ce_weight=self.exit_ce_weight if self.version in DEFAULT_EXIT_CE_WEIGHTS else None,
+            **self._exits_options(),
             label_smoothing=self.label_smoothing,
             validate=self.validate,
         )
 
+    def _exits_options(self) -> dict[str, float]:
+        if self.version != "exits":
+            return {}
+        return {
+            "distill": self.distill,
+            "temperature": self.temperature,
+            "exit_precision": self.exit_precision,
+        }
+
     def extra_repr(self) -> str:
         parts = [f"lam={self.lam!r}", f"version={self.version!r}"]
-        if self.version == "v2+ce":
+        if self.version in DEFAULT_EXIT_CE_WEIGHTS:
             parts.append(f"exit_ce_weight={self.exit_ce_weight!r}")
+        options = self._exits_options()
+        if not options.get("distill"):  # τ only matters to the distillation
+            options.pop("temperature", None)
+        parts += [f"{name}={value!r}" for name, value in options.items()]
         if self.label_smoothing:
             parts.append(f"label_smoothing={self.label_smoothing!r}")
         if not self.validate:

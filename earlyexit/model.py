@@ -29,6 +29,23 @@ from earlyexit.placement import canonical_dist, distribution_targets, fit_exits
 __all__ = ["EarlyExitConfig", "EarlyExitNet", "convert"]
 
 
+#: The factor on the gradient from a `conv` exit head into the backbone when none is given.
+DEFAULT_CONV_GRAD_SCALE: float = 0.3
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient times `scale` backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
+
+
 @dataclass
 class EarlyExitConfig:
     """How to convert a model. `convert` fills in the resolved `exit_names` and `input_size`.
@@ -36,18 +53,27 @@ class EarlyExitConfig:
     Attributes:
         n_exits: N, the number of early exits (the model's own classifier is exit N).
         dist: the distribution rule: `pareto`, `golden_ratio`, `fine`, `linear` or `quadratic`.
-        exit_type: the exit head: `plain`, `pool` or `bnpool`.
+        exit_type: the exit head: `conv` (the library's default) or the paper's `plain`,
+            `pool` or `bnpool`.
         threshold: T; at inference a sample leaves at exit i when h_i >= T. Above 1: never.
         input_size: `(C, H, W)`; from the model's timm config when None.
         exit_names: the cut points to put the exits after; chosen by `dist` when None.
+        grad_scale: in training, the factor on the gradient that flows from each exit head
+            back into the backbone (the heads' own parameters get their full gradient).
+            Below 1, the early exits pull the shared backbone less, which keeps the final
+            exit's accuracy (Li et al.'s "gradient equilibrium" idea); 0 trains the heads on
+            a backbone that learns only from the final exit. `None` resolves to the exit
+            type's default: 1.0 for the paper's heads (`plain`, `pool`, `bnpool`),
+            `DEFAULT_CONV_GRAD_SCALE` for `conv`.
     """
 
     n_exits: int
     dist: Literal["pareto", "golden_ratio", "fine", "linear", "quadratic"] = "pareto"
-    exit_type: Literal["plain", "pool", "bnpool"] = "pool"
+    exit_type: Literal["plain", "pool", "bnpool", "conv"] = "conv"
     threshold: float = 0.5
     input_size: tuple[int, int, int] | None = None
     exit_names: list[str] | None = None
+    grad_scale: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.n_exits, bool) or not isinstance(self.n_exits, int):
@@ -57,6 +83,18 @@ class EarlyExitConfig:
         self.dist = canonical_dist(self.dist)  # type: ignore[assignment]
         self.exit_type = canonical_exit_type(self.exit_type)  # type: ignore[assignment]
         self.threshold = check_threshold(self.threshold)
+        if self.grad_scale is None:
+            self.grad_scale = DEFAULT_CONV_GRAD_SCALE if self.exit_type == "conv" else 1.0
+        if isinstance(self.grad_scale, bool) or not isinstance(self.grad_scale, (int, float)):
+            raise TypeError(
+                f"Expected `grad_scale` to be a float in [0, 1], got {self.grad_scale!r}."
+            )
+        self.grad_scale = float(self.grad_scale)
+        if not 0.0 <= self.grad_scale <= 1.0:
+            raise ValueError(
+                f"Expected `grad_scale` to be a float in [0, 1], got {self.grad_scale!r}. "
+                "Hint: 1 is the paper's joint training; smaller values shield the backbone."
+            )
         if self.input_size is not None:
             self.input_size = tuple(self.input_size)  # type: ignore[assignment]
         if self.exit_names is not None:
@@ -196,9 +234,10 @@ class EarlyExitNet(nn.Module):
         """
         stages = self.stages()
         logits, confidence = [], []
+        scale = self.config.grad_scale
         for stage, head in zip(stages, self._exit_heads()):
             x = stage(x)
-            z, a = head(x)
+            z, a = head(_ScaleGrad.apply(x, scale) if scale != 1.0 and x.requires_grad else x)
             logits.append(z)
             confidence.append(a)
         logits.append(stages[-1](x))
@@ -239,6 +278,7 @@ def _resolve_config(
     exit_type: str,
     input_size: Sequence[int] | None,
     threshold: float,
+    grad_scale: float | None,
 ) -> EarlyExitConfig:
     if isinstance(n_exits, EarlyExitConfig):
         return dataclasses.replace(n_exits)
@@ -248,6 +288,7 @@ def _resolve_config(
         exit_type=exit_type,  # type: ignore[arg-type]
         threshold=threshold,
         input_size=tuple(input_size) if input_size is not None else None,  # type: ignore[arg-type]
+        grad_scale=grad_scale,
     )
 
 
@@ -368,9 +409,10 @@ def convert(
     model: nn.Module,
     n_exits: int | EarlyExitConfig,
     dist: str = "pareto",
-    exit_type: str = "pool",
+    exit_type: str = "conv",
     input_size: Sequence[int] | None = None,
     threshold: float = 0.5,
+    grad_scale: float | None = None,
 ) -> EarlyExitNet:
     """Turn a classifier into an early-exit network.
 
@@ -383,9 +425,13 @@ def convert(
         n_exits: N, the number of early exits, or a full `EarlyExitConfig`.
         dist: `pareto`, `golden_ratio` (aliases `gold_ratio`, `golden`), `fine`, `linear` or
             `quadratic`.
-        exit_type: `plain`, `pool` or `bnpool`.
+        exit_type: `conv` (default: a pooled 3×3 conv before the branches, see
+            `earlyexit.heads`), or the paper's `plain`, `pool` or `bnpool`.
         input_size: `(C, H, W)`; taken from `model.pretrained_cfg["input_size"]` when None.
         threshold: T for early-exit inference (the paper uses 0.5).
+        grad_scale: the factor on the gradient from each exit head into the backbone in
+            training; `None` is 0.3 for `conv` heads and 1.0 (the paper's) for the others.
+            See `EarlyExitConfig`.
 
     Returns:
         The `EarlyExitNet`, on the model's device, in the model's mode.
@@ -407,7 +453,7 @@ def convert(
     if isinstance(model, EarlyExitNet):
         raise TypeError("`model` is already an EarlyExitNet. Hint: convert its `backbone`.")
     _check_has_classifier(model)
-    config = _resolve_config(n_exits, dist, exit_type, input_size, threshold)
+    config = _resolve_config(n_exits, dist, exit_type, input_size, threshold, grad_scale)
     config.input_size = resolve_input_size(model, config.input_size)
     traced = trace_model(model, config.input_size)
     prof = profile_traced(traced)

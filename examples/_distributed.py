@@ -110,7 +110,12 @@ def add_exit_arguments(group: Any) -> None:
     from earlyexit import DISTRIBUTIONS
 
     group.add_argument("--dist", default="pareto", choices=list(DISTRIBUTIONS))
-    group.add_argument("--exit-type", default="pool", choices=["plain", "pool", "bnpool"])
+    group.add_argument(
+        "--exit-type",
+        default="conv",
+        choices=["conv", "plain", "pool", "bnpool"],
+        help="exit head (default conv, the library's; the paper's are plain, pool and bnpool)",
+    )
 
 
 def add_loss_arguments(group: Any) -> None:
@@ -119,7 +124,7 @@ def add_loss_arguments(group: Any) -> None:
     group.add_argument(
         "--loss-version",
         default=None,
-        choices=["v2+ce", "v2", "v1", "mc", "cost"],
+        choices=["exits", "v2+ce", "v2", "v1", "mc", "cost"],
         help="EENetLoss version; default: the library's recommended one",
     )
 

@@ -100,8 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--exit-type",
         default="pool",
-        choices=("plain", "pool", "bnpool"),
-        help="exit blocks (default pool, the paper's Table 2 setting)",
+        choices=("plain", "pool", "bnpool", "conv"),
+        help="exit blocks (default pool, the paper's Table 2 setting; conv is the library's)",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="batch size (paper: 32)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (1e-3)")

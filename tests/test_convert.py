@@ -19,7 +19,7 @@ from toy_models import BranchyNet, FeatureNet, ToyNet
 
 CL = torch.channels_last
 DISTRIBUTIONS = ["pareto", "golden_ratio", "fine", "linear", "quadratic"]
-EXIT_TYPES = ["plain", "pool", "bnpool"]
+EXIT_TYPES = ["plain", "pool", "bnpool", "conv"]
 
 
 def _model(name: str) -> tuple[torch.nn.Module, tuple[int, int, int] | None]:
@@ -164,6 +164,68 @@ def test_placement_on_resnet110_matches_table_7():
         ours = [100 * fractions[k] for k in picks]
         # One residual block of resnet110 is 1.85% of its cost: we must land on the same block.
         assert all(abs(a - b) < 1.5 for a, b in zip(ours, paper)), (dist, ours, paper)
+
+
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [("resnet20", None), ("vit_tiny_patch16_224", None), ("convnext_atto", (3, 64, 64))],
+)
+def test_conv_head_is_counted_in_the_costs_and_sees_the_certainty(name, size):
+    # NCHW features get a strided conv, tokens and NHWC features a LayerNorm + Linear.
+    model = timm.create_model(name, num_classes=10)
+    pool = earlyexit.convert(model, n_exits=2, exit_type="pool", input_size=size)
+    conv = earlyexit.convert(model, n_exits=2, exit_type="conv", input_size=size)
+    assert conv.exit_names == pool.exit_names
+    assert all(c > p for c, p in zip(conv.head_macs, pool.head_macs))
+    torch.testing.assert_close(
+        conv.exit_costs[-1] - pool.exit_costs[-1],
+        torch.tensor((sum(conv.head_macs) - sum(pool.head_macs)) / conv.backbone_macs),
+    )
+    for head in conv.heads:
+        assert head.confidence.in_features == head.classifier.in_features + 2
+    out = conv.train()(torch.randn(2, *conv.input_size))
+    # The confidence's certainty inputs are detached: it never trains the classifier.
+    (grad,) = torch.autograd.grad(
+        out.confidence_logits[0].sum(), conv.heads[0].classifier.weight, allow_unused=True
+    )
+    assert grad is None
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.3])
+def test_grad_scale_scales_what_the_heads_send_into_the_backbone(scale):
+    model = timm.create_model("resnet20")
+    with torch.no_grad():  # the last BN of each block starts at zero, which blocks gradients
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 3, 32, 32)
+    grads = {}
+    for s in (1.0, scale):
+        torch.manual_seed(0)  # the same heads
+        net = earlyexit.convert(model, n_exits=2, exit_type="pool", grad_scale=s).train()
+        net.zero_grad()
+        out = net(x)
+        # Only the heads' outputs: every backbone gradient comes through a head.
+        heads_only = sum(z.square().mean() for z in out.logits[:-1])
+        (heads_only + sum(a.sum() for a in out.confidence_logits)).backward()
+        grads[s] = (
+            [p.grad.clone() for p in model.parameters() if p.grad is not None],
+            [p.grad.clone() for p in net.heads.parameters()],  # every one of them used
+        )
+    for full, scaled in zip(grads[1.0][0], grads[scale][0]):
+        torch.testing.assert_close(scaled, scale * full, rtol=1e-4, atol=1e-6)
+    for full, scaled in zip(grads[1.0][1], grads[scale][1]):  # the heads learn in full
+        torch.testing.assert_close(scaled, full)
+    assert earlyexit.convert(model, n_exits=2).config.grad_scale == 0.3  # conv's default
+    assert earlyexit.convert(model, n_exits=2, exit_type="pool").config.grad_scale == 1.0
+    with pytest.raises(ValueError, match=r"Expected `grad_scale` to be a float in \[0, 1\]"):
+        earlyexit.convert(model, n_exits=2, grad_scale=1.5)
+
+
+def test_conv_head_width():
+    from earlyexit.heads import conv_width
+
+    assert [conv_width(c) for c in (4, 16, 32, 64, 256, 2048)] == [4, 16, 32, 32, 64, 512]
 
 
 def test_backward_reaches_every_parameter():
@@ -312,7 +374,7 @@ def test_threshold_setter_and_validation():
         ({"n_exits": 2.5}, ValueError, "positive int"),
         ({"n_exits": 500}, earlyexit.PlacementError, "candidate exit points"),
         ({"n_exits": 2, "dist": "cubic"}, ValueError, "pareto, golden_ratio"),
-        ({"n_exits": 2, "exit_type": "conv"}, ValueError, "plain, pool, bnpool"),
+        ({"n_exits": 2, "exit_type": "mlp"}, ValueError, "plain, pool, bnpool, conv"),
         ({"n_exits": 2, "input_size": (32, 32)}, ValueError, "three positive ints"),
         ({"n_exits": 2, "input_size": (1, 32, 32)}, earlyexit.TraceError, "input_size"),
         ({"n_exits": 2, "threshold": math.nan}, ValueError, "threshold"),

@@ -27,16 +27,16 @@ def test_demo_prints_table_2_and_writes_the_plot(tmp_path, capsys):
     lines = table.splitlines()
     assert "relative cost at each exit: EE-0 0.42, EE-1 0.71, last 1.00" in table
     assert lines[3].split()[:7] == ["model", "EE-0", "EE-1", "last", "EE-0", "EE-1", "last"]
-    rows = {label: line for label, _ in LOSSES for line in lines if line.startswith(label + " ")}
-    assert list(rows) == [label for label, _ in LOSSES]
+    rows = {label: line for label, *_ in LOSSES for line in lines if line.startswith(label + " ")}
+    assert list(rows) == [label for label, *_ in LOSSES]
     plain = rows["ResNet-8"].split()
     assert plain[1:4] == ["-", "-", "all"] and plain[-1] == "1.00"
-    for label, _ in LOSSES[1:]:
+    for label, *_ in LOSSES[1:]:
         fields = rows[label][len(label) :].split()
         counts = [int(c) for c in fields[:3]]
         assert sum(counts) == 450  # the digits test split
         assert all(0.0 <= float(a) <= 100.0 for a in fields[3:7])
-        assert 0.4 <= float(fields[-1]) <= 1.01
+        assert 0.4 <= float(fields[-1]) <= 1.05  # the default heads cost a little
 
     png = tmp_path / "tradeoff.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -111,7 +111,7 @@ def test_metadata_describes_the_net(net, saved):
     assert meta["backbone"]["kwargs"] == {"num_classes": 10, "in_chans": 3}
     assert meta["input_size"] == [3, 32, 32]
     assert meta["exit_names"] == net.exit_names
-    assert meta["exit_type"] == "pool"
+    assert meta["exit_type"] == "conv"
     assert meta["stage_macs"] == net.stage_macs and meta["head_macs"] == net.head_macs
     assert meta["exit_costs"] == pytest.approx(net.exit_costs.tolist())
     assert meta["threshold"] == 0.6

@@ -14,7 +14,11 @@ from hypothesis import strategies as st
 import earlyexit.loss
 from earlyexit import ExitOutputs
 from earlyexit.loss import (
+    DEFAULT_DISTILL,
     DEFAULT_EXIT_CE_WEIGHT,
+    DEFAULT_EXIT_CE_WEIGHTS,
+    DEFAULT_EXIT_PRECISION,
+    DEFAULT_TEMPERATURE,
     DEFAULT_VERSION,
     EENetLoss,
     eenet_loss,
@@ -121,9 +125,99 @@ def test_v2_by_hand():
     torch.testing.assert_close(eenet_loss(outputs, target, lam=0.5, version="v2"), expected)
 
 
-def test_default_is_v2_plus_the_per_exit_cross_entropy():
-    assert DEFAULT_VERSION in versions
-    assert EENetLoss().version == DEFAULT_VERSION
+def exits_loss(outputs, target, w, alpha, tau, q):
+    """The `"exits"` recipe written out term by term, one exit at a time."""
+    logits, conf = outputs.logits, outputs.confidence_logits
+    loss = F.cross_entropy(logits[-1], target)
+    teacher = torch.softmax(logits[-1].detach() / tau, dim=1)
+    for z, a in zip(logits[:-1], conf):
+        student = torch.log_softmax(z / tau, dim=1)
+        kl = (teacher * (teacher.log() - student)).sum(1).mean() * tau**2
+        term = (1 - alpha) * F.cross_entropy(z, target) + alpha * kl
+        right = (z.argmax(1) == target).to(z.dtype)
+        p = torch.sigmoid(a + math.log(q / (1 - q)))  # the estimated P(exit right)
+        bce = -(right * p.log() + (1 - right) * (1 - p).log()).mean()
+        loss = loss + w * term + bce
+    return loss
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n_exits=st.integers(0, 4),
+    batch=st.integers(1, 6),
+    num_classes=st.integers(2, 7),
+    w=st.sampled_from([0.0, 0.3, 1.0]),
+    alpha=st.sampled_from([0.0, 0.5, 1.0]),
+    tau=st.sampled_from([1.0, 3.0]),
+    q=st.sampled_from([0.5, 0.9, 0.99]),
+    seed=st.integers(0, 2**16),
+)
+def test_exits_version_matches_its_terms(n_exits, batch, num_classes, w, alpha, tau, q, seed):
+    outputs = make_outputs(n_exits, batch, num_classes, seed=seed, scale=1.0)
+    target = make_target(batch, num_classes, seed)
+    options = dict(exit_ce_weight=w, distill=alpha if n_exits else 0.0, temperature=tau)
+    actual = eenet_loss(outputs, target, version="exits", exit_precision=q, **options)
+    expected = exits_loss(outputs, target, w, options["distill"], tau, q)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_default_is_the_exits_recipe():
+    assert DEFAULT_VERSION == "exits" and EENetLoss().version == "exits"
+    criterion = EENetLoss()
+    assert criterion.exit_ce_weight == DEFAULT_EXIT_CE_WEIGHTS["exits"]
+    assert (criterion.distill, criterion.temperature, criterion.exit_precision) == (
+        DEFAULT_DISTILL,
+        DEFAULT_TEMPERATURE,
+        DEFAULT_EXIT_PRECISION,
+    )
+    outputs = make_outputs(3, 5, 4, seed=3, scale=1.0)
+    target = make_target(5, 4, 3)
+    expected = exits_loss(
+        outputs,
+        target,
+        criterion.exit_ce_weight,
+        DEFAULT_DISTILL,
+        DEFAULT_TEMPERATURE,
+        DEFAULT_EXIT_PRECISION,
+    )
+    torch.testing.assert_close(criterion(outputs, target), expected)
+
+
+def test_exits_confidence_at_one_half_means_precision_q():
+    # A confidence logit of 0 (h = 1/2) is what BCE settles on for an exit right a fraction q
+    # of the time: the gradient of the loss with respect to it vanishes there.
+    q = 0.8
+    n = 10
+    target = torch.zeros(n, dtype=torch.long)
+    early = torch.zeros(n, 3, dtype=torch.float64)
+    early[: int(q * n), 0] = 5.0  # right on 8 of 10 samples
+    early[int(q * n) :, 1] = 5.0
+    a = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    outputs = ExitOutputs([early, torch.zeros(n, 3, dtype=torch.float64)], [a], torch.ones(2))
+    eenet_loss(outputs, target, version="exits", exit_precision=q).backward()
+    torch.testing.assert_close(a.grad.sum(), torch.tensor(0.0, dtype=torch.float64))
+
+
+def test_exits_teacher_is_detached():
+    # Distillation moves the early exits towards the final exit, never the other way.
+    outputs = make_outputs(2, 6, 5, seed=21, requires_grad=True)
+    target = make_target(6, 5, 21)
+    eenet_loss(outputs, target, version="exits", exit_ce_weight=1.0, distill=1.0).backward()
+    alone = make_outputs(2, 6, 5, seed=21, requires_grad=True)
+    F.cross_entropy(alone.logits[-1], target).backward()
+    torch.testing.assert_close(outputs.logits[-1].grad, alone.logits[-1].grad)
+    assert all(z.grad.abs().sum() > 0 for z in outputs.logits[:-1])
+
+
+def test_exits_confidence_does_not_train_the_classifiers():
+    # The correctness label is detached: with w = 0, early logits get no gradient at all.
+    outputs = make_outputs(2, 6, 5, seed=22, requires_grad=True)
+    eenet_loss(outputs, make_target(6, 5, 22), version="exits", exit_ce_weight=0.0).backward()
+    assert all(z.grad is None or z.grad.abs().sum() == 0 for z in outputs.logits[:-1])
+    assert all(a.grad.abs().sum() > 0 for a in outputs.confidence_logits)
+
+
+def test_v2_plus_ce_is_v2_plus_the_per_exit_cross_entropy():
     outputs = make_outputs(3, 5, 4, seed=3)
     target = make_target(5, 4, 3)
     v2 = eenet_loss(outputs, target, lam=0.7, version="v2")
@@ -132,7 +226,8 @@ def test_default_is_v2_plus_the_per_exit_cross_entropy():
         actual = eenet_loss(outputs, target, lam=0.7, version="v2+ce", exit_ce_weight=weight)
         torch.testing.assert_close(actual, v2 + w * exit_ce(outputs, target))
     torch.testing.assert_close(
-        EENetLoss(lam=0.7)(outputs, target), eenet_loss(outputs, target, 0.7)
+        EENetLoss(lam=0.7, version="v2+ce")(outputs, target),
+        eenet_loss(outputs, target, 0.7, "v2+ce"),
     )
 
 
@@ -309,13 +404,38 @@ def test_unknown_version_lists_the_valid_ones():
 
 
 def test_bad_settings():
-    with pytest.raises(ValueError, match=r"`exit_ce_weight` is only used by version 'v2\+ce'"):
+    with pytest.raises(ValueError, match=r"`exit_ce_weight` is only used by versions 'exits' and"):
         EENetLoss(version="v2", exit_ce_weight=0.5)
     EENetLoss(version="v2", exit_ce_weight=0.0)  # an explicit zero is harmless
     with pytest.raises(ValueError, match=r"Expected `exit_ce_weight` to be a non-negative float"):
         EENetLoss(exit_ce_weight=-0.1)
     with pytest.raises(ValueError, match=r"Expected `label_smoothing` to be a float in \[0, 1\)"):
         EENetLoss(label_smoothing=1.0)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"temperature": 0.0}, ValueError, r"Expected `temperature` \(τ\) to be a positive"),
+        ({"temperature": -2}, ValueError, r"positive float, got -2\.0\. Hint"),
+        ({"distill": 1.5}, ValueError, r"Expected `distill` \(α\) to be in \[0, 1\]"),
+        ({"distill": math.nan}, ValueError, r"Expected `distill`"),
+        ({"exit_precision": 1.0}, ValueError, r"Expected `exit_precision` \(q\) to be a float"),
+        ({"exit_precision": "high"}, TypeError, r"`exit_precision` to be a float in \(0, 1\)"),
+        ({"version": "v2", "distill": 0.5}, ValueError, r"`distill` is only used by version"),
+        ({"version": "v2+ce", "temperature": 2}, ValueError, r"`temperature` is only used"),
+    ],
+)
+def test_bad_recipe_settings(options, error, message):
+    with pytest.raises(error, match=message):
+        EENetLoss(**options)
+
+
+def test_distillation_needs_early_exits():
+    outputs = make_outputs(0, 4, 3)
+    with pytest.raises(ValueError, match=r"Expected early exits to distill into.*Hint"):
+        eenet_loss(outputs, make_target(4, 3), distill=0.5)
+    eenet_loss(outputs, make_target(4, 3))  # without distillation, a lone final exit is fine
 
 
 @pytest.mark.parametrize("bad", [-1, 4])

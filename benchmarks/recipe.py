@@ -1,0 +1,388 @@
+"""Which training recipe keeps the accuracy? An ablation over losses, heads and inits.
+
+Each variant is a converted net trained jointly from scratch, in a plain loop (Adam, one
+learning rate, the given epochs), beside the plain model trained the same way with the same
+seed. For each (setting, variant, seed) it prints and records:
+
+- every exit's own accuracy (exit N is the final exit) and the plain model's;
+- the accuracy and mean cost of early-exit inference at the default threshold T = 0.5;
+- the best accuracy at mean cost ≤ 0.5 / 0.6 / 0.7 over a fine threshold sweep, with the
+  net's learned confidence h_i and, for comparison, with max-softmax confidence.
+
+A variant is a comma-separated list of `key=value` (unknown keys are an error):
+
+    loss=exits|v2+ce|v2|...   EENetLoss version          w=FLOAT   exit_ce_weight
+    head=conv|pool|bnpool     exit type                  kd=FLOAT  distill (α)
+    q=FLOAT                   exit_precision             gs=FLOAT  grad_scale of the net
+    zi=0|1                    zero_init_last (CIFAR ResNets)
+
+Settings (MNIST from `--data-dir`, torchvision's layout; digits from scikit-learn):
+
+    mnist-r20     resnet20, 4 pareto exits, 6000 training images, 2 epochs
+    mnist-r20n    resnet20 with widths (8, 16, 32): a narrower network, 20000 images, 2 epochs
+    mnist-r8      the paper's EENet-8 (resnet8 width 16), 2 quadratic exits, 6000 images
+    mnist-r20s    resnet20, 4 pareto exits, 1500 training images, 3 epochs: fewer samples
+    digits-r8     the demo: resnet8 width 4, 2 quadratic exits, digits, 16 epochs
+
+    python benchmarks/recipe.py --settings mnist-r20 --seeds 0 1 --json recipe.json
+    python benchmarks/recipe.py --variants "loss=v2+ce,head=pool" "loss=exits,head=conv"
+    python benchmarks/recipe.py --replot recipe.json --plot recipe.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+import earlyexit
+from earlyexit.calibrate import _Cache, _sweep
+from earlyexit.demo import load_digits_data, load_mnist_data
+from earlyexit.training import train_one_epoch
+
+#: What each setting trains: model, its kwargs, exits, data, sizes and schedule.
+SETTINGS: dict[str, dict] = {
+    "mnist-r20": dict(
+        model="resnet20",
+        kwargs={},
+        n_exits=4,
+        dist="pareto",
+        data="mnist",
+        train=6000,
+        epochs=2,
+        batch=64,
+        lr=1e-3,
+    ),
+    "mnist-r20n": dict(
+        model="resnet20",
+        kwargs={"widths": (8, 16, 32)},
+        n_exits=4,
+        dist="pareto",
+        data="mnist",
+        train=20000,
+        epochs=2,
+        batch=64,
+        lr=1e-3,
+    ),
+    "mnist-r8": dict(
+        model="resnet8",
+        kwargs={"width": 16},
+        n_exits=2,
+        dist="quadratic",
+        data="mnist",
+        train=6000,
+        epochs=2,
+        batch=64,
+        lr=1e-3,
+    ),
+    "mnist-r20s": dict(
+        model="resnet20",
+        kwargs={},
+        n_exits=4,
+        dist="pareto",
+        data="mnist",
+        train=1500,
+        epochs=3,
+        batch=64,
+        lr=1e-3,
+    ),
+    "digits-r8": dict(
+        model="resnet8",
+        kwargs={"width": 4},
+        n_exits=2,
+        dist="quadratic",
+        data="digits",
+        train=None,
+        epochs=16,
+        batch=32,
+        lr=1e-2,
+    ),
+}
+
+DEFAULT_VARIANTS = (
+    "loss=v2+ce,head=pool",  # the library's earlier default
+    "loss=exits,head=pool",
+    "loss=exits,head=conv,gs=1",
+    "loss=exits,head=conv",  # the library's default (grad_scale 0.3)
+    "loss=exits,head=conv,kd=0.5",
+    "loss=exits,head=conv,zi=0",
+)
+
+BUDGETS = (0.5, 0.6, 0.7)
+THRESHOLDS = np.concatenate([np.linspace(0.0, 1.0, 401), [1.01]]).astype(np.float32)
+KEYS = {"loss", "head", "w", "kd", "q", "gs", "zi"}
+TEST_SAMPLES = 5000
+_PLAIN: dict[tuple[str, int, bool], float] = {}  # plain accuracy per (setting, seed, init)
+
+
+@dataclass
+class Record:
+    """One trained variant on one seed."""
+
+    setting: str
+    variant: str
+    seed: int
+    plain_accuracy: float
+    exit_accuracy: list[float]
+    exit_costs: list[float]
+    default: dict  # accuracy, cost and exit counts at T = 0.5
+    best: dict  # {"learned"|"max_softmax": {budget: accuracy}}
+    curves: dict = field(default_factory=dict)  # {"learned"|"max_softmax": [(cost, acc)]}
+    seconds: float = 0.0
+
+
+def parse_variant(text: str) -> dict[str, str]:
+    """`"loss=exits,head=conv"` → a dict, with the defaults filled in."""
+    spec = {"loss": "exits", "head": "conv", "zi": "1"}
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        if key not in KEYS or not value:
+            raise SystemExit(f"error: bad variant item {part!r}; keys are {sorted(KEYS)}")
+        spec[key] = value
+    return spec
+
+
+def _data(setting: dict, data_dir: str, seed: int) -> tuple[TensorDataset, TensorDataset]:
+    if setting["data"] == "digits":
+        return load_digits_data(seed)
+    train, test = load_mnist_data(data_dir)
+    generator = torch.Generator().manual_seed(1000 + seed)
+    if setting["train"] is not None:
+        train = Subset(train, torch.randperm(len(train), generator=generator)[: setting["train"]])
+    return train, Subset(test, range(TEST_SAMPLES))
+
+
+def _model(setting: dict, zero_init: bool) -> nn.Module:
+    kwargs = dict(setting["kwargs"], num_classes=10, in_chans=1)
+    if setting["model"] != "resnet8":
+        kwargs["zero_init_last"] = zero_init
+    return timm.create_model(setting["model"], **kwargs)
+
+
+def _fit(net: nn.Module, criterion, data, setting: dict, seed: int, progress: bool) -> None:
+    optimizer = torch.optim.Adam(net.parameters(), lr=setting["lr"])
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(data, batch_size=setting["batch"], shuffle=True, generator=generator)
+    for epoch in range(setting["epochs"]):
+        train_one_epoch(net, loader, criterion, optimizer, "cpu", epoch, progress=progress)
+
+
+@torch.no_grad()
+def _caches(net: earlyexit.EarlyExitNet, test) -> tuple[dict[str, _Cache], np.ndarray]:
+    """The learned and max-softmax confidence caches, and each exit's correctness."""
+    net.eval()
+    learned, softmax, correct = [], [], []
+    for x, y in DataLoader(test, batch_size=500):
+        out = net.forward_all(x)
+        learned.append(torch.stack([torch.sigmoid(a) for a in out.confidence_logits], 1))
+        softmax.append(torch.stack([z.softmax(1).amax(1) for z in out.logits[:-1]], 1))
+        correct.append(torch.stack([z.argmax(1) == y for z in out.logits], 1))
+    right = torch.cat(correct).numpy()
+    costs = net.exit_costs.double().numpy()
+    return {
+        "learned": _Cache(torch.cat(learned).numpy(), right, costs),
+        "max_softmax": _Cache(torch.cat(softmax).numpy(), right, costs),
+    }, right
+
+
+def _plain_accuracy(model: nn.Module, test) -> float:
+    model.eval()
+    with torch.no_grad():
+        hits = sum(int((model(x).argmax(1) == y).sum()) for x, y in DataLoader(test, 500))
+    return hits / len(test)
+
+
+def run_one(name: str, variant: str, seed: int, data_dir: str, progress: bool) -> Record:
+    """Train the plain model and one variant on one seed; measure both."""
+    setting, spec = SETTINGS[name], parse_variant(variant)
+    train, test = _data(setting, data_dir, seed)
+    zero_init = spec["zi"] == "1"
+    start = time.perf_counter()
+    key = (name, seed, zero_init)
+    if key not in _PLAIN:  # the same for every variant with this init
+        torch.manual_seed(seed)
+        plain = _model(setting, zero_init)
+        _fit(plain, nn.CrossEntropyLoss(), train, setting, seed, progress)
+        _PLAIN[key] = _plain_accuracy(plain, test)
+    plain_accuracy = _PLAIN[key]
+
+    torch.manual_seed(seed)
+    model = _model(setting, zero_init)
+    net = earlyexit.convert(
+        model,
+        n_exits=setting["n_exits"],
+        dist=setting["dist"],
+        exit_type=spec["head"],
+        input_size=(1, 28, 28),
+    )
+    if "gs" in spec:
+        net.config.grad_scale = float(spec["gs"])
+    options = {"exit_ce_weight": float(spec["w"])} if "w" in spec else {}
+    if "kd" in spec:
+        options["distill"] = float(spec["kd"])
+    if "q" in spec:
+        options["exit_precision"] = float(spec["q"])
+    criterion = earlyexit.EENetLoss(lam=1.0, version=spec["loss"], **options)
+    _fit(net, criterion, train, setting, seed, progress)
+    caches, right = _caches(net, test)
+    best, curves = {}, {}
+    for kind, cache in caches.items():
+        accuracy, cost, counts = _sweep(cache, THRESHOLDS)
+        best[kind] = {
+            str(b): float(accuracy[cost <= b].max()) if (cost <= b).any() else None for b in BUDGETS
+        }
+        curves[kind] = [(float(c), float(a)) for c, a in zip(cost, accuracy)]
+        if kind == "learned":
+            at = int(np.argmin(np.abs(THRESHOLDS - net.threshold)))
+            default = {
+                "accuracy": float(accuracy[at]),
+                "cost": float(cost[at]),
+                "exit_counts": counts[at].tolist(),
+            }
+    return Record(
+        setting=name,
+        variant=variant,
+        seed=seed,
+        plain_accuracy=plain_accuracy,
+        exit_accuracy=right.mean(axis=0).tolist(),
+        exit_costs=net.exit_costs.tolist(),
+        default=default,
+        best=best,
+        curves=curves,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _pp(value: float | None, ref: float) -> str:
+    return "   -  " if value is None else f"{100 * (value - ref):+6.2f}"
+
+
+def _mean_delta(rs: list[Record], get) -> float | None:
+    """The mean over seeds of `get(record)` minus that seed's plain accuracy."""
+    values = [get(r) for r in rs]
+    if any(v is None for v in values):
+        return None
+    return float(np.mean([v - r.plain_accuracy for v, r in zip(values, rs)]))
+
+
+def format_table(records: list[Record]) -> str:
+    """Means over seeds, in points against the plain model of the same seed."""
+    groups: dict[tuple[str, str], list[Record]] = {}
+    for r in records:
+        groups.setdefault((r.setting, r.variant), []).append(r)
+    lines = [
+        "Points against the plain model (mean over seeds); T=0.5 with the learned confidence.",
+        f"{'setting':<11} {'variant':<34} {'seeds':>5} {'plain%':>7} {'exits own acc %':<30}"
+        f" {'final':>6} {'T=.5':>6} {'cost':>5}"
+        + "".join(f" {'≤' + str(b):>6}" for b in BUDGETS)
+        + "".join(f" {'ms≤' + str(b):>6}" for b in BUDGETS),
+    ]
+    for (setting, variant), rs in groups.items():
+        plain = float(np.mean([r.plain_accuracy for r in rs]))
+
+        own = np.mean([r.exit_accuracy for r in rs], axis=0)
+        row = (
+            f"{setting:<11} {variant:<34} {len(rs):>5} {100 * plain:>7.2f} "
+            f"{' '.join(f'{100 * a:.1f}' for a in own):<30}"
+            f" {_pp(_mean_delta(rs, lambda r: r.exit_accuracy[-1]), 0)}"
+            f" {_pp(_mean_delta(rs, lambda r: r.default['accuracy']), 0)}"
+            f" {np.mean([r.default['cost'] for r in rs]):>5.2f}"
+        )
+        for kind in ("learned", "max_softmax"):
+            for b in BUDGETS:
+                row += f" {_pp(_mean_delta(rs, lambda r, k=kind, b=b: r.best[k][str(b)]), 0)}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def plot(records: list[Record], path: str) -> None:
+    """Accuracy against mean cost (learned confidence), one panel per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = sorted({r.setting for r in records})
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.2), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        rs = [r for r in records if r.setting == setting]
+        plain = np.mean([r.plain_accuracy for r in rs])
+        for variant in dict.fromkeys(r.variant for r in rs):
+            seed0 = next(r for r in rs if r.variant == variant)
+            cost, acc = zip(*sorted(seed0.curves["learned"]))
+            ax.plot(cost, 100 * np.asarray(acc), label=variant, lw=1.2)
+        ax.axhline(100 * plain, color="k", ls="--", lw=0.8, label="plain model")
+        ax.set_ylim(100 * plain - 6, 100 * plain + 1)
+        ax.set_xlabel("mean relative cost")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{setting} (seed {rs[0].seed}, learned confidence)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--settings", nargs="+", default=["mnist-r20"], choices=list(SETTINGS))
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--data-dir", default="data", help="folder that holds MNIST/raw")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--json", help="write (and resume from) the records here")
+    parser.add_argument("--plot", help="draw the trade-off curves to this PNG")
+    parser.add_argument("--replot", nargs="+", help="only print and plot saved JSON files")
+    parser.add_argument("--progress", action="store_true", help="show training progress")
+    args = parser.parse_args(argv)
+    for variant in args.variants:
+        parse_variant(variant)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    records: list[Record] = []
+    if args.replot:
+        for file in args.replot:
+            records += [Record(**r) for r in json.loads(Path(file).read_text())]
+    else:
+        if args.json and Path(args.json).exists():
+            records = [Record(**r) for r in json.loads(Path(args.json).read_text())]
+        done = {(r.setting, r.variant, r.seed) for r in records}
+        for setting in args.settings:
+            for seed in args.seeds:
+                for variant in args.variants:
+                    if (setting, variant, seed) in done:
+                        continue
+                    r = run_one(setting, variant, seed, args.data_dir, args.progress)
+                    records.append(r)
+                    print(
+                        f"{setting} {variant} seed {seed}: plain {100 * r.plain_accuracy:.2f} "
+                        f"exits {' '.join(f'{100 * a:.1f}' for a in r.exit_accuracy)} "
+                        f"T=0.5 {100 * r.default['accuracy']:.2f}@{r.default['cost']:.2f} "
+                        f"({r.seconds:.0f} s)",
+                        flush=True,
+                    )
+                    if args.json:
+                        Path(args.json).write_text(
+                            json.dumps([asdict(x) for x in records], indent=1)
+                        )
+    if not records:
+        print("error: nothing to report", file=sys.stderr)
+        return 2
+    print(format_table(records))
+    if args.plot:
+        plot(records, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
