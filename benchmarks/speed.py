@@ -226,7 +226,13 @@ def measure(
     kwargs = {"num_classes": args.num_classes}
     model = timm.create_model(args.model, pretrained=False, **kwargs).eval()
     input_size = tuple(args.input_size) if args.input_size else None
-    net = earlyexit.convert(model, n_exits=args.n_exits, dist=args.dist, input_size=input_size)
+    net = earlyexit.convert(
+        model,
+        n_exits=args.n_exits,
+        dist=args.dist,
+        exit_type=args.exit_type,
+        input_size=input_size,
+    )
     net = net.eval().to(device)
     size = net.input_size
     samples = batch_size * max(1, math.ceil(args.samples / batch_size))
@@ -325,7 +331,13 @@ def profile_stages(args: argparse.Namespace, device: torch.device, batch_size: i
     torch.manual_seed(args.seed)
     model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes).eval()
     input_size = tuple(args.input_size) if args.input_size else None
-    net = earlyexit.convert(model, n_exits=args.n_exits, dist=args.dist, input_size=input_size)
+    net = earlyexit.convert(
+        model,
+        n_exits=args.n_exits,
+        dist=args.dist,
+        exit_type=args.exit_type,
+        input_size=input_size,
+    )
     net = net.eval().to(device)
     x = torch.randn(batch_size, *net.input_size, device=device)
     if args.channels_last:
@@ -445,6 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="resnet110")
     p.add_argument("--n-exits", type=int, default=10)
     p.add_argument("--dist", default="pareto")
+    p.add_argument(
+        "--exit-type",
+        default="conv",
+        help="exit heads (default conv, the library's; the published tables used pool)",
+    )
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
     p.add_argument(
