@@ -45,8 +45,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import earlyexit
-from earlyexit.calibrate import _Cache, _sweep
 from earlyexit.demo import load_digits_data, load_mnist_data
+from earlyexit.training import ExitCache as _Cache
+from earlyexit.training import sweep_thresholds as _sweep
 from earlyexit.training import train_one_epoch
 
 #: What each setting trains: model, its kwargs, exits, data, sizes and schedule.

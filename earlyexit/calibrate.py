@@ -1,13 +1,11 @@
 """The threshold ↔ cost/accuracy trade-off, and picking a threshold that meets a budget.
 
-One pass over the data runs `forward_all` once per batch and keeps, per sample, each early exit's
-confidence h_i = sigmoid(a_i) (in float32, as inference computes it) and whether each exit's
-classifier is right. Every threshold is then evaluated from that cache with inference's own rule:
-a sample leaves at the first exit with h_i ≥ T (`earlyexit.inference.exit_mask`).
-
-As T grows, a sample's exit only moves later: it leaves at exit i for T in (max(h_0..h_{i-1}),
-h_i] when h_i is a new running maximum, and at the final exit above max(h). So a whole curve,
-even over every observed confidence value, is one sort and a few prefix sums.
+Both run the evaluator that `earlyexit.evaluate` runs: one pass over the data
+(`earlyexit.training.collect_exit_cache`) keeps, per sample, each early exit's confidence
+h_i = sigmoid(a_i) (in float32, as inference computes it) and whether each exit's classifier is
+right. Every threshold is then scored from that cache with inference's own rule, a sample leaves
+at the first exit with h_i ≥ T (`earlyexit.training.sweep_thresholds`): a whole curve, even
+over every observed confidence value, is one sort and a few prefix sums.
 """
 
 from __future__ import annotations
@@ -18,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from earlyexit.inference import check_threshold
 from earlyexit.model import EarlyExitNet
+from earlyexit.training import NEVER, ExitCache, collect_exit_cache, sweep_thresholds
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
@@ -31,9 +29,6 @@ __all__ = [
     "plot_tradeoff",
     "tradeoff_curve",
 ]
-
-NEVER = 2.0
-"""A threshold above 1: no sample leaves early (h_i is at most 1)."""
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = (*(round(0.05 * k, 2) for k in range(21)), NEVER)
 """0, 0.05, ..., 0.95, 1.0 and `NEVER`; includes the paper's T = 0.5."""
@@ -63,6 +58,29 @@ class TradeoffCurve:
     exit_accuracy: list[float]
     exit_costs: list[float]
     num_samples: int
+
+    @classmethod
+    def from_cache(cls, cache: ExitCache, thresholds: Sequence[float]) -> TradeoffCurve:
+        """The curve of a pass already made (`earlyexit.training.collect_exit_cache`).
+
+        Args:
+            cache: every exit's confidence and correctness per sample, and the costs.
+            thresholds: the T values, already checked (`check_threshold`).
+
+        Returns:
+            The `TradeoffCurve`, the thresholds in the order given.
+        """
+        values = list(thresholds)
+        accuracy, mean_cost, counts = sweep_thresholds(cache, values)
+        return cls(
+            thresholds=values,
+            accuracy=accuracy.tolist(),
+            mean_cost=mean_cost.tolist(),
+            exit_counts=counts.tolist(),
+            exit_accuracy=cache.exit_accuracy.tolist(),
+            exit_costs=cache.costs.tolist(),
+            num_samples=cache.num_samples,
+        )
 
     @property
     def reference_accuracy(self) -> float:
@@ -111,13 +129,6 @@ class TradeoffCurve:
         return "\n".join(lines)
 
 
-@dataclass
-class _Cache:
-    confidence: np.ndarray  # (S, N) float32: h_i per sample and early exit
-    correct: np.ndarray  # (S, N+1) bool: whether exit i's classifier is right
-    costs: np.ndarray  # (N+1,) float64
-
-
 def tradeoff_curve(
     net: EarlyExitNet,
     loader: Iterable[Any],
@@ -157,17 +168,8 @@ def tradeoff_curve(
     values = [check_threshold(t) for t in values]
     if not values:
         raise ValueError("Expected at least one threshold, got an empty list.")
-    cache = _collect(net, loader, progress)
-    accuracy, mean_cost, counts = _sweep(cache, np.asarray(values, dtype=np.float32))
-    return TradeoffCurve(
-        thresholds=values,
-        accuracy=accuracy.tolist(),
-        mean_cost=mean_cost.tolist(),
-        exit_counts=counts.tolist(),
-        exit_accuracy=cache.correct.mean(axis=0, dtype=np.float64).tolist(),
-        exit_costs=cache.costs.tolist(),
-        num_samples=int(cache.correct.shape[0]),
-    )
+    cache = collect_exit_cache(net, loader, progress=progress, desc="calibrating")
+    return TradeoffCurve.from_cache(cache, values)
 
 
 def calibrate(
@@ -236,17 +238,17 @@ def calibrate(
                 f"Expected `max_accuracy_drop` to be a fraction in [0, 1], got "
                 f"{max_accuracy_drop!r}. Hint: 0.01 allows one percentage point less accuracy."
             )
-    cache = _collect(net, loader, progress)
+    cache = collect_exit_cache(net, loader, progress=progress, desc="calibrating")
     observed = cache.confidence[cache.confidence >= 0]
     candidates = np.unique(np.concatenate([observed, np.array([0.0, NEVER], np.float32)]))
-    accuracy, mean_cost, _ = _sweep(cache, candidates)
+    accuracy, mean_cost, _ = sweep_thresholds(cache, candidates)
     tol = 1e-9
     if target_cost is not None:
         feasible = mean_cost <= target_cost + tol
         # Highest accuracy, then lowest cost, then the highest threshold.
         keys = (candidates, -mean_cost, accuracy)
     else:
-        reference = float(cache.correct[:, -1].mean(dtype=np.float64))
+        reference = float(cache.exit_accuracy[-1])
         feasible = accuracy >= reference - max_accuracy_drop - tol
         # Lowest cost, then highest accuracy, then the highest threshold.
         keys = (candidates, accuracy, -mean_cost)
@@ -320,100 +322,6 @@ def _check_real(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise ValueError(f"Expected `{name}` to be a real number, got {value!r}.")
     return float(value)
-
-
-def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise TypeError(
-            f"Expected the loader to yield (x, y) pairs, got {type(batch).__name__}. Hint: "
-            "wrap it, e.g. `((b['image'], b['label']) for b in loader)` as a list or generator."
-        )
-    x, y = batch[0], batch[1]
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"Expected the inputs `x` to be a tensor, got {type(x).__name__}.")
-    return x, torch.as_tensor(y)
-
-
-def _collect(net: EarlyExitNet, loader: Iterable[Any], progress: bool) -> _Cache:
-    """One eval-mode pass: each early exit's confidence and each exit's correctness."""
-    from tqdm.auto import tqdm
-
-    _check_net(net)
-    param = next(iter(net.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    expected = tuple(net.input_size)
-    confidence: list[torch.Tensor] = []
-    correct: list[torch.Tensor] = []
-    was_training = net.training
-    net.eval()
-    try:
-        with torch.no_grad():
-            for batch in tqdm(loader, desc="calibrating", disable=not progress, leave=False):
-                x, y = _unpack(batch)
-                if expected and tuple(x.shape[1:]) != expected:
-                    raise ValueError(
-                        f"Expected input batches of shape (B, {', '.join(map(str, expected))}), "
-                        f"got {tuple(x.shape)}. Hint: the exit costs hold at the size the "
-                        "model was converted at (`net.input_size`); resize the data."
-                    )
-                if y.shape != (x.shape[0],):
-                    raise ValueError(
-                        f"Expected targets of shape ({x.shape[0]},) (class indices), got "
-                        f"{tuple(y.shape)}."
-                    )
-                out = net.forward_all(x.to(device, non_blocking=True))
-                h = torch.stack([torch.sigmoid(a.float()) for a in out.confidence_logits], 1)
-                pred = torch.stack([z.argmax(1) for z in out.logits], 1)
-                confidence.append(h.cpu())
-                correct.append((pred == y.to(pred.device).view(-1, 1)).cpu())
-    finally:
-        net.train(was_training)
-    if not confidence:
-        raise ValueError("The loader yielded no batches. Hint: pass a non-empty dataset.")
-    # A NaN confidence never passes `h >= T`; neither does -inf, which sorts properly.
-    return _Cache(
-        confidence=_nan_to_minus_inf(torch.cat(confidence)).numpy(),
-        correct=torch.cat(correct).numpy(),
-        costs=net.exit_costs.detach().cpu().double().numpy(),
-    )
-
-
-def _nan_to_minus_inf(t: torch.Tensor) -> torch.Tensor:
-    return torch.where(t.isnan(), torch.full_like(t, -math.inf), t)
-
-
-def _sweep(cache: _Cache, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Accuracy, mean cost and exit counts at each threshold (float32 values, any order).
-
-    Each sample adds its exit-i outcome to the thresholds in (max(h_0..h_{i-1}), h_i], which
-    are a contiguous range of the sorted thresholds: difference arrays, then prefix sums.
-    """
-    conf, correct = cache.confidence, cache.correct
-    samples, n_exits = conf.shape
-    # Compared in float32, as `exit_mask` does; every T above 1 behaves as `NEVER`.
-    clipped = np.clip(np.asarray(thresholds, np.float64), 0.0, NEVER).astype(np.float32)
-    unique, inverse = np.unique(clipped, return_inverse=True)
-    # Lower ends: the running maximum of the earlier exits' confidences (-inf before exit 0).
-    running = np.maximum.accumulate(conf, axis=1)
-    lower = np.concatenate([np.full((samples, 1), -np.inf, np.float32), running], axis=1)
-    upper = np.concatenate([conf, np.full((samples, 1), np.inf, np.float32)], axis=1)
-    lo = np.searchsorted(unique, lower, side="right")
-    hi = np.searchsorted(unique, upper, side="right")
-    k = len(unique)
-    counts = np.zeros((k + 1, n_exits + 1), np.int64)
-    hits = np.zeros(k + 1, np.int64)
-    exits = np.broadcast_to(np.arange(n_exits + 1), lo.shape)
-    live = lo < hi
-    np.add.at(counts, (lo[live], exits[live]), 1)
-    np.add.at(counts, (hi[live], exits[live]), -1)
-    right = live & correct
-    np.add.at(hits, lo[right], 1)
-    np.add.at(hits, hi[right], -1)
-    counts = np.cumsum(counts, axis=0)[:k][inverse]
-    hits = np.cumsum(hits)[:k][inverse]
-    accuracy = hits / samples
-    mean_cost = counts @ cache.costs / samples
-    return accuracy, mean_cost, counts
 
 
 def _robust_threshold(candidates: np.ndarray, k: int) -> float:

@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from earlyexit.calibrate import TradeoffCurve
+from earlyexit.inference import check_threshold
 from earlyexit.loss import DEFAULT_VERSION, EENetLoss
 from earlyexit.model import EarlyExitNet, convert
-from earlyexit.training import Evaluation, evaluate, select_exits, train_one_epoch
+from earlyexit.training import Evaluation, ExitCache, collect_exit_cache, train_one_epoch
 
 __all__ = [
     "DemoRow",
@@ -36,7 +38,7 @@ __all__ = [
     "format_table",
     "load_digits_data",
     "load_mnist_data",
-    "plot_tradeoff",
+    "plot_demo_tradeoff",
     "run_demo",
     "tradeoff",
 ]
@@ -200,7 +202,6 @@ def load_mnist_data(data_dir: str | Path) -> tuple[TensorDataset, TensorDataset]
     return load(True), load(False)
 
 
-@torch.no_grad()
 def tradeoff(
     net: EarlyExitNet,
     loader: DataLoader,
@@ -209,28 +210,20 @@ def tradeoff(
 ) -> list[tuple[float, float, float]]:
     """Accuracy and mean cost at each threshold, from one `forward_all` pass.
 
+    The library's evaluator (`earlyexit.training.collect_exit_cache`), as a list of points.
+
     Returns:
         `(threshold, accuracy, cost)` for each threshold.
     """
-    was_training = net.training
-    net.eval()
-    correct = torch.zeros(len(thresholds))
-    cost = torch.zeros(len(thresholds), dtype=torch.float64)
-    total = 0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        outputs = net.forward_all(x)
-        hits = torch.stack([z.argmax(1) == y for z in outputs.logits])
-        for k, t in enumerate(thresholds):
-            index = select_exits(outputs, t)
-            correct[k] += hits.gather(0, index.unsqueeze(0)).sum().cpu()
-            cost[k] += outputs.costs.double()[index].sum().cpu()
-        total += len(y)
-    net.train(was_training)
-    return [
-        (t, float(c) / total, float(s) / total)
-        for t, c, s in zip(thresholds, correct, cost, strict=True)
-    ]
+    cache = collect_exit_cache(net, loader, device=device, progress=False)
+    return _curve_points(cache, thresholds)
+
+
+def _curve_points(
+    cache: ExitCache, thresholds: tuple[float, ...] = THRESHOLDS
+) -> list[tuple[float, float, float]]:
+    curve = TradeoffCurve.from_cache(cache, [check_threshold(t) for t in thresholds])
+    return list(zip(curve.thresholds, curve.accuracy, curve.mean_cost, strict=True))
 
 
 def _pct(value: float) -> str:
@@ -284,8 +277,11 @@ def format_table(rows: list[DemoRow], exit_costs: list[float], title: str = "") 
     return "\n".join(lines)
 
 
-def plot_tradeoff(rows: list[DemoRow], path: Path, title: str) -> Path:
-    """Save accuracy against mean relative cost, one curve per EENet, the plain model a star."""
+def plot_demo_tradeoff(rows: list[DemoRow], path: Path, title: str) -> Path:
+    """Save accuracy against mean relative cost, one curve per EENet, the plain model a star.
+
+    One figure for all the demo's models; `earlyexit.plot_tradeoff` draws one net's curve.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -345,9 +341,9 @@ def _train(
         train_one_epoch(net, train, criterion, optimizer, device, epoch, progress=progress)
     seconds = time.perf_counter() - start
     if isinstance(net, EarlyExitNet):
-        ev = evaluate(net, test, device=device, progress=False)
-        curve = tradeoff(net, test, device=device)
-        row = DemoRow(label, ev, ev.accuracy, ev.cost, curve, seconds)
+        cache = collect_exit_cache(net, test, device=device, progress=False)
+        ev = Evaluation.from_cache(cache, net.threshold)
+        row = DemoRow(label, ev, ev.accuracy, ev.cost, _curve_points(cache), seconds)
         return row, ev.exit_costs
     model.eval()
     with torch.no_grad():
@@ -416,7 +412,7 @@ def run_demo(args: argparse.Namespace) -> int:
         if row_costs[-1] != exit_costs:
             costs = ", ".join(f"{c:.2f}" for c in row_costs[-1])
             print(f"the library defaults' exits (with their heads) cost {costs}")
-        path = plot_tradeoff(rows, Path(args.out) / "tradeoff.png", f"EENet-8 on {what}")
+        path = plot_demo_tradeoff(rows, Path(args.out) / "tradeoff.png", f"EENet-8 on {what}")
         print(f"\naccuracy vs cost plot written to {path.resolve()}")
         print(f"total time {time.perf_counter() - start:.1f} s")
     finally:

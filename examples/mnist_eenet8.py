@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import earlyexit
-from earlyexit.demo import DemoRow, format_table, load_mnist_data, plot_tradeoff, tradeoff
+from earlyexit.demo import DemoRow, format_table, load_mnist_data, plot_demo_tradeoff, tradeoff
 from earlyexit.loss import DEFAULT_VERSION
 from earlyexit.training import evaluate, train_one_epoch
 
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nTable 3: λ sweep of {args.sweep_version} (T = 0.5)")
         print(sweep_table(sweep))
     if args.plot:
-        plot_tradeoff(table2 + [r for _, r in sweep], args.plot, "EENet-8 on MNIST")
+        plot_demo_tradeoff(table2 + [r for _, r in sweep], args.plot, "EENet-8 on MNIST")
         print(f"plot: {args.plot}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -15,13 +15,11 @@ from earlyexit.calibrate import (
     DEFAULT_THRESHOLDS,
     NEVER,
     TradeoffCurve,
-    _Cache,
-    _collect,
-    _sweep,
     calibrate,
     plot_tradeoff,
     tradeoff_curve,
 )
+from earlyexit.training import ExitCache, collect_exit_cache, sweep_thresholds
 
 from toy_models import spread_confidences
 
@@ -133,7 +131,7 @@ def test_table_and_rows(curve):
     assert "never" in text and "\n   0.5 " in text and "41 samples" in text
 
 
-def brute_force(cache: _Cache, threshold: float):
+def brute_force(cache: ExitCache, threshold: float):
     """The curve at one threshold, one sample at a time, by `exit_mask`'s comparison.
 
     The cache holds h = sigmoid(a.float()), what `exit_mask` compares with the threshold.
@@ -148,10 +146,10 @@ def brute_force(cache: _Cache, threshold: float):
 
 
 def test_sweep_matches_exit_mask_at_every_observed_confidence(net, data):
-    cache = _collect(net, data, progress=False)
+    cache = collect_exit_cache(net, data, progress=False)
     observed = np.unique(cache.confidence)
     thresholds = np.concatenate([observed, [0.0, 0.5, 1.0, NEVER]]).astype(np.float32)
-    acc, cost, counts = _sweep(cache, thresholds)
+    acc, cost, counts = sweep_thresholds(cache, thresholds)
     for k, t in enumerate(thresholds.tolist()):
         b_acc, b_cost, b_counts = brute_force(cache, t)
         assert counts[k].tolist() == b_counts.tolist(), t
@@ -170,21 +168,21 @@ confidences = arrays(
 def test_sweep_property(conf, seed, t):
     rng = np.random.default_rng(seed)
     samples, n = conf.shape
-    cache = _Cache(
+    cache = ExitCache(
         confidence=conf,
         correct=rng.random((samples, n + 1)) < 0.5,
         costs=np.cumsum(rng.random(n + 1) + 0.1),
     )
-    acc, cost, counts = _sweep(cache, np.array([t, 0.5], np.float32))
+    acc, cost, counts = sweep_thresholds(cache, np.array([t, 0.5], np.float32))
     b_acc, b_cost, b_counts = brute_force(cache, t)
     assert counts[0].tolist() == b_counts.tolist()
     assert acc[0] == b_acc and cost[0] == pytest.approx(b_cost, rel=1e-12)
 
 
 def all_candidates(net, data):
-    cache = _collect(net, data, progress=False)
+    cache = collect_exit_cache(net, data, progress=False)
     thresholds = np.concatenate([np.unique(cache.confidence), [0.0, NEVER]]).astype(np.float32)
-    acc, cost, _ = _sweep(cache, thresholds)
+    acc, cost, _ = sweep_thresholds(cache, thresholds)
     return cache, acc, cost
 
 
@@ -224,7 +222,7 @@ def test_calibrated_threshold_sits_between_confidences(net, data):
     before = net.threshold
     try:
         t = calibrate(net, data, target_cost=net.exit_costs[1].item(), progress=False)
-        cache = _collect(net, data, progress=False)
+        cache = collect_exit_cache(net, data, progress=False)
         assert not np.any(cache.confidence == np.float32(t)) or t in (0.0, NEVER)
     finally:
         net.threshold = before

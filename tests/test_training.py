@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -14,6 +15,7 @@ import earlyexit
 import earlyexit.training
 from earlyexit.training import (
     Evaluation,
+    collect_exit_cache,
     evaluate,
     freeze_backbone,
     param_groups,
@@ -173,13 +175,12 @@ def test_evaluate_equals_a_direct_computation(threshold, n_exits):
     assert isinstance(result, Evaluation)
     assert result.num_samples == 40
     assert result.threshold == (net.threshold if threshold is None else threshold)
-    assert result.accuracy == (direct.logits.argmax(1) == y).float().mean().item()
+    # Counted exactly: a float32 mean would round 7/40 to 0.17499999...
+    assert result.accuracy == (direct.logits.argmax(1) == y).sum().item() / 40
     assert result.cost == pytest.approx(direct.cost.double().mean().item(), rel=1e-12)
     expected_counts = torch.bincount(direct.exit_index, minlength=n_exits + 1).tolist()
     assert result.exit_counts == expected_counts
-    assert result.exit_accuracy == [
-        (z.argmax(1) == y).float().mean().item() for z in outputs.logits
-    ]
+    assert result.exit_accuracy == [(z.argmax(1) == y).sum().item() / 40 for z in outputs.logits]
     assert result.exit_costs == net.exit_costs.tolist()
     torch.testing.assert_close(
         select_exits(outputs, net.threshold if threshold is None else threshold), direct.exit_index
@@ -203,6 +204,69 @@ def test_evaluate_rejects_bad_input():
         evaluate(toy_net(), [], progress=False)
     with pytest.raises(TypeError, match="inputs, targets"):
         evaluate(toy_net(), [torch.randn(2, *SIZE)], progress=False)
+
+
+def test_evaluate_checks_inputs_and_targets_as_calibration_does():
+    net = toy_net()
+    x, y = toy_data(4).tensors
+    with pytest.raises(ValueError, match=r"shape \(B, 3, 16, 16\).*Hint"):
+        evaluate(net, [(torch.randn(4, 3, 8, 8), y)], progress=False)
+    with pytest.raises(ValueError, match=r"targets of shape \(4,\).*Hint"):
+        evaluate(net, [(x, torch.nn.functional.one_hot(y, 5))], progress=False)
+    with pytest.raises(TypeError, match=r"inputs `x`.*tensor"):
+        evaluate(net, [(x.tolist(), y)], progress=False)
+    with pytest.raises(ValueError, match="at least one sample"):
+        evaluate(net, [(x[:0], y[:0])], progress=False)
+
+
+def test_evaluate_takes_lists_and_extra_items():
+    net = toy_net()
+    x, y = toy_data(8).tensors
+    as_pairs = evaluate(net, [(x, y)], progress=False)
+    as_lists = evaluate(
+        net, [[x[:5], y[:5].tolist(), "extra"], [x[5:], y[5:], None]], progress=False
+    )
+    assert as_lists == as_pairs
+
+
+@pytest.mark.parametrize("batch", [{"x": 1, "y": 2}, "xy", (torch.randn(2, *SIZE),)])
+def test_one_batch_rule_for_training_and_evaluation(batch):
+    net = toy_net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    criterion = earlyexit.EENetLoss()
+    for run in (
+        lambda: evaluate(net, [batch], progress=False),
+        lambda: earlyexit.tradeoff_curve(net, [batch], progress=False),
+        lambda: train_one_epoch(net, [batch], criterion, optimizer, progress=False),
+    ):
+        with pytest.raises(TypeError, match=r"\(inputs, targets\).*\(x, y\).*Hint"):
+            run()
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.4, 0.5, 0.9, 2.0])
+def test_evaluate_agrees_with_the_tradeoff_curve(threshold):
+    net = toy_net(3)
+    for head in net.heads:
+        nn.init.normal_(head.confidence.weight, std=3.0)
+    loader = DataLoader(toy_data(40), batch_size=16)
+    result = evaluate(net, loader, threshold=threshold, progress=False)
+    curve = earlyexit.tradeoff_curve(net, loader, [threshold], progress=False)
+    assert result.exit_counts == curve.exit_counts[0]
+    assert result.accuracy == curve.accuracy[0]
+    assert result.cost == curve.mean_cost[0]
+    assert result.exit_accuracy == curve.exit_accuracy
+    assert result.exit_costs == curve.exit_costs
+
+
+def test_one_pass_gives_every_threshold():
+    net = toy_net(2)
+    loader = DataLoader(toy_data(24), batch_size=8)
+    cache = collect_exit_cache(net, loader, progress=False)
+    assert cache.confidence.shape == (24, 2) and cache.confidence.dtype == np.float32
+    assert cache.correct.shape == (24, 3) and cache.correct.dtype == np.bool_
+    assert cache.costs.tolist() == net.exit_costs.tolist() and cache.num_samples == 24
+    for t in (0.0, 0.5, 1.5):
+        assert Evaluation.from_cache(cache, t) == evaluate(net, loader, t, progress=False)
 
 
 def test_progress_bars_can_be_shown(capsys):
