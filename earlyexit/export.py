@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from earlyexit._modes import set_mode
 from earlyexit.errors import EarlyExitError
 from earlyexit.inference import check_threshold, run_early_exit
 from earlyexit.model import EarlyExitNet
@@ -147,10 +148,11 @@ class _Piece(NamedTuple):
 
 @contextlib.contextmanager
 def _eval_pieces(net: EarlyExitNet, example: torch.Tensor) -> Iterator[list[_Piece]]:
-    """The eval-mode stages and heads in execution order, the net in eval mode meanwhile."""
-    was_training = net.training
-    net.eval()
-    try:
+    """The eval-mode stages and heads in execution order, the net in eval mode meanwhile.
+
+    Afterwards every submodule has its own mode back.
+    """
+    with set_mode(net, False):
         inputs = _stage_inputs(net, example)
         pieces = []
         for i, stage in enumerate(net.stages(training=False)):
@@ -158,8 +160,6 @@ def _eval_pieces(net: EarlyExitNet, example: torch.Tensor) -> Iterator[list[_Pie
             if i < net.num_exits:
                 pieces.append(_Piece("head", i, _HeadOutputs(net.heads[i]), inputs[i + 1]))
         yield pieces
-    finally:
-        net.train(was_training)
 
 
 def export_stages(net: EarlyExitNet, example: torch.Tensor) -> ExportedEarlyExit:

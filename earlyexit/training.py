@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from earlyexit._modes import set_mode
 from earlyexit.errors import EarlyExitError
 from earlyexit.inference import check_threshold, exit_mask
 from earlyexit.model import EarlyExitNet
@@ -411,7 +412,9 @@ def collect_exit_cache(
 ) -> ExitCache:
     """Run every exit on the data once and keep what any threshold needs: an `ExitCache`.
 
-    One `forward_all` per batch under `torch.no_grad`, with the net in eval mode meanwhile.
+    One `forward_all` per batch under `torch.no_grad`, with the net in eval mode meanwhile;
+    afterwards every submodule has its own mode back (a BatchNorm the user put in eval mode
+    inside a train-mode net stays so).
 
     Args:
         net: the early-exit net.
@@ -436,32 +439,27 @@ def collect_exit_cache(
     expected = tuple(net.input_size)
     confidence: list[torch.Tensor] = []
     correct: list[torch.Tensor] = []
-    was_training = net.training
-    net.eval()
-    try:
-        with torch.no_grad():
-            bar = tqdm(loader, desc=desc, total=_total(loader), disable=not progress, leave=False)
-            for batch in bar:
-                x, y = _unpack(batch)
-                if expected and tuple(x.shape[1:]) != expected:
-                    raise ValueError(
-                        f"Expected input batches of shape (B, {', '.join(map(str, expected))}), "
-                        f"got {tuple(x.shape)}. Hint: the exit costs hold at the size the "
-                        "model was converted at (`net.input_size`); resize the data."
-                    )
-                if y.shape != (x.shape[0],):
-                    raise ValueError(
-                        f"Expected targets of shape ({x.shape[0]},) (class indices), got "
-                        f"{tuple(y.shape)}. Hint: pass class indices, not one-hot vectors."
-                    )
-                out = net.forward_all(x.to(device, non_blocking=True))
-                h = torch.stack([torch.sigmoid(a.float()) for a in out.confidence_logits], 1)
-                pred = torch.stack([z.argmax(1) for z in out.logits], 1)
-                confidence.append(h)
-                correct.append(pred == y.to(pred.device, non_blocking=True).view(-1, 1))
-            bar.close()
-    finally:
-        net.train(was_training)
+    with set_mode(net, False), torch.no_grad():
+        bar = tqdm(loader, desc=desc, total=_total(loader), disable=not progress, leave=False)
+        for batch in bar:
+            x, y = _unpack(batch)
+            if expected and tuple(x.shape[1:]) != expected:
+                raise ValueError(
+                    f"Expected input batches of shape (B, {', '.join(map(str, expected))}), "
+                    f"got {tuple(x.shape)}. Hint: the exit costs hold at the size the "
+                    "model was converted at (`net.input_size`); resize the data."
+                )
+            if y.shape != (x.shape[0],):
+                raise ValueError(
+                    f"Expected targets of shape ({x.shape[0]},) (class indices), got "
+                    f"{tuple(y.shape)}. Hint: pass class indices, not one-hot vectors."
+                )
+            out = net.forward_all(x.to(device, non_blocking=True))
+            h = torch.stack([torch.sigmoid(a.float()) for a in out.confidence_logits], 1)
+            pred = torch.stack([z.argmax(1) for z in out.logits], 1)
+            confidence.append(h)
+            correct.append(pred == y.to(pred.device, non_blocking=True).view(-1, 1))
+        bar.close()
     if sum(len(c) for c in correct) == 0:
         raise ValueError(
             "Expected a loader with at least one sample, got none (no batches, or empty ones). "
