@@ -21,7 +21,7 @@ import math
 import os
 import random
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -37,6 +37,7 @@ __all__ = [
     "DistContext",
     "ShardSampler",
     "add_distributed_arguments",
+    "add_download_argument",
     "add_exit_arguments",
     "add_loss_arguments",
     "add_output_arguments",
@@ -46,6 +47,7 @@ __all__ = [
     "cleanup",
     "evaluate_distributed",
     "fail",
+    "fetch_dataset",
     "finish_training",
     "format_table",
     "make_loader",
@@ -264,6 +266,86 @@ def barrier(ctx: DistContext) -> None:
             dist.barrier(device_ids=[ctx.device.index])
         else:
             dist.barrier()
+
+
+def add_download_argument(group: Any) -> None:
+    """Add `--download/--no-download`: whether `fetch_dataset` may download what is missing."""
+    group.add_argument(
+        "--download",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="download the dataset with torchvision into --data-dir when it is not there yet "
+        "(files already there are used as they are, offline); --no-download only reads",
+    )
+
+
+def _one_line(err: BaseException) -> str:
+    """`Type: last line of the message`: torchvision's download errors span several lines."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[-1]}" if lines else type(err).__name__
+
+
+def fetch_dataset(
+    name: str,
+    root: Path,
+    build: Callable[[bool], Any],
+    expected: Sequence[str],
+    download: bool = True,
+    ctx: DistContext | None = None,
+    fake_data: bool = True,
+) -> Any:
+    """A torchvision dataset from `root`, downloaded there first when it is not there yet.
+
+    torchvision skips the download when the files are there and intact, so once the data is in
+    place this works offline. Under torchrun one process per node downloads while the others
+    wait. Every failure ends the script with one line on stderr (`fail`), not a traceback.
+
+    Args:
+        name: the dataset's name, for messages.
+        root: torchvision's `root` folder (`--data-dir`).
+        build: makes the dataset(s) with torchvision; with `True` it downloads what is missing.
+        expected: files under `root` that hold the data, named in messages when missing.
+        download: whether to download what is missing (`--download`).
+        ctx: this process's place in a torchrun job; a single process when None.
+        fake_data: whether the script has `--fake-data N`, for the hints.
+
+    Returns:
+        What `build` returns.
+    """
+    error: BaseException | None = None
+    if download and (ctx is None or ctx.local_rank == 0):
+        try:
+            result = build(True)
+        except (OSError, RuntimeError, ValueError) as err:  # urllib's URLError is an OSError
+            error = err
+        else:
+            if ctx is not None:
+                barrier(ctx)
+            return result
+    if ctx is not None:
+        barrier(ctx)
+    missing = [f for f in expected if not (root / f).exists()]
+    smoke = "; --fake-data N runs a smoke test without data" if fake_data else ""
+    if missing:
+        where = f"{name} is not in {str(root)!r} (missing {', '.join(missing)})"
+        if error is not None:
+            fail(
+                f"{where} and could not be downloaded ({_one_line(error)}). Hint: run once "
+                f"where there is network, or copy the files into --data-dir{smoke}."
+            )
+        if not download:
+            fail(
+                f"{where}. Hint: leave out --no-download to download it with torchvision, "
+                f"or point --data-dir at a copy{smoke}."
+            )
+        fail(f"{where} after the download. Hint: check that --data-dir is writable.")
+    try:
+        return build(False)
+    except (OSError, RuntimeError, ValueError) as err:
+        fail(
+            f"could not read {name} from {str(root)!r} ({_one_line(error or err)}). Hint: "
+            "delete its files there to download them again, or point --data-dir at a good copy."
+        )
 
 
 def print0(ctx: DistContext, *args: Any, **kwargs: Any) -> None:

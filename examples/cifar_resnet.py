@@ -8,8 +8,9 @@ number of exits, exit type and λ. At the end the test set is evaluated with ear
 threshold T and a row like the paper's tables is printed: accuracy, number of exits, the cost
 percent of each exit, and the relative cost (mean cost per test sample / the ResNet's).
 
-The datasets are read with torchvision from `--data-dir` (its usual layout,
-`cifar-10-batches-py/` or `train_32x32.mat` and `test_32x32.mat`); nothing is downloaded.
+The datasets are read with torchvision from `--data-dir` (default `./data`, torchvision's
+layout: `cifar-10-batches-py/` or `train_32x32.mat` and `test_32x32.mat`), and downloaded there
+the first time; once the files are there it runs offline (`--no-download` never downloads).
 `--fake-data N` uses N random images instead, for smoke tests.
 
 Examples:
@@ -67,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
-    data.add_argument("--data-dir", default="data", help="torchvision root of the dataset")
+    data.add_argument(
+        "--data-dir", default="data", help="torchvision root of the dataset (downloaded there)"
+    )
+    ddp.add_download_argument(data)
     data.add_argument(
         "--fake-data",
         type=int,
@@ -109,8 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset]:
-    """The train and test sets, with the paper's augmentation on the train set."""
+def build_datasets(
+    args: argparse.Namespace, ctx: ddp.DistContext | None = None
+) -> tuple[Dataset, Dataset]:
+    """The train and test sets, with the paper's augmentation on the train set.
+
+    The dataset is downloaded into `--data-dir` when it is not there (unless `--no-download`);
+    a failure ends the script with a one-line error.
+    """
     mean, std, flip, expected = DATASETS[args.dataset]
     augment = [transforms.RandomCrop(32, padding=4)]
     if flip:
@@ -125,24 +135,19 @@ def build_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset]:
         test = datasets.FakeData(test_size, size, 10, transform=test_tf, random_offset=10**6)
         return train, test
     root = Path(args.data_dir).expanduser()
-    missing = [f for f in expected if not (root / f).exists()]
-    if missing:
-        how = "CIFAR10(root, download=True)" if flip else "SVHN(root, split, download=True)"
-        ddp.fail(
-            f"{args.dataset} not found in {str(root)!r}: missing {', '.join(missing)}. Hint: "
-            f"download it once where there is network (torchvision.datasets.{how}), point "
-            "--data-dir at it, or use --fake-data N for a smoke test."
-        )
-    try:
+
+    def build(download: bool) -> tuple[Dataset, Dataset]:
         if args.dataset == "cifar10":
-            train = datasets.CIFAR10(root, train=True, transform=train_tf, download=False)
-            test = datasets.CIFAR10(root, train=False, transform=test_tf, download=False)
-        else:
-            train = datasets.SVHN(root, split="train", transform=train_tf, download=False)
-            test = datasets.SVHN(root, split="test", transform=test_tf, download=False)
-    except (RuntimeError, OSError, ValueError) as err:
-        ddp.fail(f"could not read {args.dataset} from {str(root)!r}: {err}")
-    return train, test
+            return (
+                datasets.CIFAR10(root, train=True, transform=train_tf, download=download),
+                datasets.CIFAR10(root, train=False, transform=test_tf, download=download),
+            )
+        return (
+            datasets.SVHN(root, split="train", transform=train_tf, download=download),
+            datasets.SVHN(root, split="test", transform=test_tf, download=download),
+        )
+
+    return ddp.fetch_dataset(args.dataset, root, build, expected, args.download, ctx)
 
 
 def eenet_name(model: str) -> str:
@@ -181,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     ddp.seed_everything(args.seed)
-    train_set, test_set = build_datasets(args)
     with ddp.session(args) as ctx:
+        train_set, test_set = build_datasets(args, ctx)
         return run(args, ctx, train_set, test_set, start)
 
 

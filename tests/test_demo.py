@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import io
+import sys
+from pathlib import Path
 
 import pytest
 
+import earlyexit.demo
 from earlyexit import cli
 from earlyexit.demo import LOSSES, DemoRow, add_demo_arguments, format_table, run_demo
 from earlyexit.training import Evaluation
@@ -41,6 +45,50 @@ def test_demo_prints_table_2_and_writes_the_plot(tmp_path, capsys):
     png = tmp_path / "tradeoff.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(png) in out
+
+
+@pytest.fixture
+def two_rows(monkeypatch):
+    """The plain model and one EENet: the demo's whole path, in a fraction of the time."""
+    monkeypatch.setattr(earlyexit.demo, "LOSSES", (LOSSES[0], LOSSES[-1]))
+
+
+def test_demo_writes_the_plot_to_out_and_prints_its_absolute_path(
+    tmp_path, monkeypatch, capsys, two_rows
+):
+    monkeypatch.chdir(tmp_path)
+    args = demo_args("--epochs", "1", "--batch-size", "256", "--out", "plots/run1")
+    assert run_demo(args) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "plot written to" in ln)
+    printed = Path(line.split("plot written to ", 1)[1])
+    assert printed.is_absolute() and printed.is_file()
+    assert printed == (tmp_path / "plots" / "run1" / "tradeoff.png").resolve()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("terminal", "flags", "expected"),
+    [(False, [], False), (True, [], True), (True, ["--no-progress"], False)],
+    ids=["piped", "terminal", "terminal_no_progress"],
+)
+def test_progress_bars_only_on_a_terminal(
+    tmp_path, monkeypatch, two_rows, terminal, flags, expected
+):
+    shown = []
+
+    def train_one_epoch(*args, progress, **kwargs):
+        shown.append(progress)
+        return 1.0
+
+    monkeypatch.setattr(earlyexit.demo, "train_one_epoch", train_one_epoch)
+    monkeypatch.setattr(sys, "stderr", _Terminal() if terminal else io.StringIO())
+    assert sys.stderr.isatty() is terminal
+    assert run_demo(demo_args("--epochs", "1", "--out", str(tmp_path), *flags)) == 0
+    assert shown and set(shown) == {expected}
 
 
 def test_cli_runs_the_demo_and_reports_missing_mnist(tmp_path, capsys):

@@ -10,8 +10,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import struct
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from types import ModuleType
 
@@ -26,6 +29,7 @@ import earlyexit  # also registers resnet20 in timm
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CIFAR = EXAMPLES / "cifar_resnet.py"
 FINETUNE = EXAMPLES / "finetune_timm.py"
+MNIST = EXAMPLES / "mnist_eenet8.py"
 
 # One epoch of a few steps: 48 random images, 12 test images, batches of 16.
 TINY = [
@@ -86,16 +90,99 @@ def test_help_documents_the_options(path, monkeypatch):
         assert option in text
 
 
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """No network: every URL torchvision opens fails, as on a machine without access."""
+    opened: list[str] = []
+
+    def urlopen(request, *args, **kwargs):
+        opened.append(getattr(request, "full_url", str(request)))
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    return opened
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert "Traceback" not in captured.out
+    return lines[0]
+
+
 @pytest.mark.parametrize(
     "dataset, expected", [("cifar10", "cifar-10-batches-py"), ("svhn", "train_32x32.mat")]
 )
-def test_cifar_missing_dataset_is_a_clear_error(dataset, expected, tmp_path, monkeypatch, capsys):
+def test_cifar_missing_dataset_is_a_clear_error(
+    dataset, expected, tmp_path, monkeypatch, capsys, offline
+):
     module = _import(CIFAR, monkeypatch)
     with pytest.raises(SystemExit) as info:
-        module.main(["--dataset", dataset, "--data-dir", str(tmp_path)])
+        module.main(["--dataset", dataset, "--data-dir", str(tmp_path), "--no-download"])
     assert info.value.code == 2
-    err = capsys.readouterr().err
+    err = _one_error_line(capsys)
     assert dataset in err and expected in err and "--fake-data" in err and str(tmp_path) in err
+    assert "--no-download" in err and not offline
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "svhn"])
+def test_cifar_download_without_network_is_one_clear_line(
+    dataset, tmp_path, monkeypatch, capsys, offline
+):
+    module = _import(CIFAR, monkeypatch)
+    assert module.build_parser().parse_args([]).data_dir == "data"
+    with pytest.raises(SystemExit) as info:
+        module.main(["--dataset", dataset, "--data-dir", str(tmp_path)])
+    assert info.value.code == 2 and offline  # it tried
+    err = _one_error_line(capsys)
+    assert "could not be downloaded" in err and "no network" in err and "Hint" in err
+    assert str(tmp_path) in err
+
+
+def _write_mnist(root: Path, train: int, test: int) -> None:
+    """A tiny MNIST in torchvision's layout: the idx files `torchvision.datasets.MNIST` reads."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("t10k", test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        header = struct.pack(">IIII", 0x803, n, 28, 28)
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(header + images.tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">II", 0x801, n) + labels.tobytes()
+        )
+
+
+def test_mnist_runs_offline_on_data_already_there(tmp_path, monkeypatch, capsys, offline):
+    module = _import(MNIST, monkeypatch)
+    assert module.parse_args([]).data_dir == "data"
+    _write_mnist(tmp_path / "data", train=32, test=16)
+    monkeypatch.chdir(tmp_path)
+    args = ["--rows", "v2", "--lams", "--epochs", "1", "--batch-size", "16", "--no-progress"]
+    assert module.main([*args, "--json", "r.json", "--plot", "r.png"]) == 0
+    assert not offline  # the files were there: nothing was downloaded
+    assert "MNIST: 32 train / 16 test" in capsys.readouterr().out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert [row["label"] for row in result["table2"]] == ["EENet-8 v2"]
+    assert sum(result["table2"][0]["exit_counts"]) == 16
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mnist_without_data_or_network_is_one_clear_line(tmp_path, monkeypatch, capsys, offline):
+    module = _import(MNIST, monkeypatch)
+    with pytest.raises(SystemExit) as info:
+        module.main(["--data-dir", str(tmp_path / "data")])
+    assert info.value.code == 2 and offline
+    err = _one_error_line(capsys)
+    assert "MNIST is not in" in err and "could not be downloaded" in err and "Hint" in err
+
+    with pytest.raises(SystemExit):
+        module.main(["--data-dir", str(tmp_path / "data"), "--no-download"])
+    err = _one_error_line(capsys)
+    assert "MNIST/raw/train-images-idx3-ubyte" in err and "--no-download" in err
+    assert "--fake-data" not in err  # the MNIST script has no such option
 
 
 def test_finetune_missing_folders_is_a_clear_error(tmp_path, monkeypatch, capsys):
