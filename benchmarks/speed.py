@@ -215,6 +215,21 @@ def autocast(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def create_untrained(args: argparse.Namespace) -> torch.nn.Module:
+    """The model, untrained, in eval mode.
+
+    The library's CIFAR ResNets start each block as its shortcut (`zero_init_last=True`): with
+    their default He init, an untrained deep one blows up in eval mode (ResNet-110's logits
+    reach 1e8), which has nothing to do with speed.
+    """
+    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes)
+    if isinstance(model, earlyexit.models.CifarResNet):
+        model = timm.create_model(
+            args.model, pretrained=False, num_classes=args.num_classes, zero_init_last=True
+        )
+    return model.eval()
+
+
 def measure(
     args: argparse.Namespace,
     device: torch.device,
@@ -223,8 +238,7 @@ def measure(
     reference_cache: dict[str, float],
 ) -> Row:
     torch.manual_seed(args.seed)
-    kwargs = {"num_classes": args.num_classes}
-    model = timm.create_model(args.model, pretrained=False, **kwargs).eval()
+    model = create_untrained(args)
     input_size = tuple(args.input_size) if args.input_size else None
     net = earlyexit.convert(
         model,
@@ -329,7 +343,7 @@ def measure(
 def profile_stages(args: argparse.Namespace, device: torch.device, batch_size: int) -> list[dict]:
     """Per stage and head on a full batch: share of the time against share of the MACs."""
     torch.manual_seed(args.seed)
-    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes).eval()
+    model = create_untrained(args)
     input_size = tuple(args.input_size) if args.input_size else None
     net = earlyexit.convert(
         model,

@@ -379,8 +379,8 @@ def test_odd_input_sizes(size):
 # --- initialisation -------------------------------------------------------------------------
 
 
-def test_blocks_start_as_their_shortcut():
-    model = shared_model("resnet110")
+def test_blocks_start_as_their_shortcut_with_zero_init_last():
+    model = shared_model("resnet110", zero_init_last=True)
     blocks = [m for m in model.modules() if isinstance(m, earlyexit.models.BasicBlock)]
     assert len(blocks) == 54
     assert all(not block.bn2.weight.any() for block in blocks)
@@ -388,8 +388,8 @@ def test_blocks_start_as_their_shortcut():
     assert model(sample(model)).abs().max() < 100
 
 
-def test_he_init_without_zero_init_last():
-    model = timm.create_model("resnet20", zero_init_last=False)
+def test_he_init_by_default():
+    model = timm.create_model("resnet20")
     assert all(m.weight.eq(1).all() for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     resnet8 = timm.create_model("resnet8", zero_init_last=True)
     assert not resnet8.layer3[0].conv2.weight.any()

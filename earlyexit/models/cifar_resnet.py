@@ -106,7 +106,7 @@ class BasicBlock(nn.Module):
         out_chs: int,
         stride: int = 1,
         shortcut: Literal["zero_pad", "projection"] = "zero_pad",
-        zero_init_last: bool = True,
+        zero_init_last: bool = False,
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
@@ -159,9 +159,13 @@ class CifarResNet(TimmClassifier):
         shortcut: where the shape changes, `"zero_pad"` (He et al.'s option A, no parameters)
             or `"projection"` (option B: strided 1×1 conv + BatchNorm, as in the EENets code).
         zero_init_last: start each block's last BatchNorm at scale 0, so each block starts as
-            its shortcut (timm's ResNet default). With `False`, all BatchNorms start at scale 1
-            as in He et al.; a fresh deep model then blows up in eval mode (ResNet-110 logits
-            ~1e8, ResNet-1202 NaN) until its BatchNorm statistics are trained.
+            its shortcut (timm's ResNet default). `False` (the default) starts all BatchNorms
+            at scale 1 as in He et al. and the paper: zero-init slows short training runs a
+            lot (resnet20 with widths 8-16-32 on 6000 MNIST images, one epoch of Adam:
+            29.5 % with it, 87.7 % without; 2.5 points on a 10-class image set after two
+            epochs). Without it, though, a fresh *untrained* deep model blows up in eval mode
+            (ResNet-110 logits ~1e8, ResNet-1202 NaN) until its BatchNorm statistics are
+            trained: pass `zero_init_last=True` to benchmark untrained deep models.
 
     Raises:
         ValueError: `depth` is not 6n+2, `widths` does not hold three positive ints, or
@@ -177,7 +181,7 @@ class CifarResNet(TimmClassifier):
         global_pool: str = "avg",
         widths: tuple[int, int, int] = (16, 32, 64),
         shortcut: Literal["zero_pad", "projection"] = "zero_pad",
-        zero_init_last: bool = True,
+        zero_init_last: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
