@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 from earlyexit import models as _models  # noqa: F401  (registers the paper's models in timm)
 from earlyexit.calibrate import TradeoffCurve, calibrate, plot_tradeoff, tradeoff_curve
+from earlyexit.cuda_graphs import GraphedEarlyExit, capture_cuda_graphs
 from earlyexit.errors import (
     CheckpointError,
     EarlyExitError,
@@ -56,12 +57,14 @@ __all__ = [
     "ExitOutputs",
     "ExportedEarlyExit",
     "FlopProfile",
+    "GraphedEarlyExit",
     "PlacementError",
     "Prediction",
     "TraceError",
     "TradeoffCurve",
     "__version__",
     "calibrate",
+    "capture_cuda_graphs",
     "convert",
     "distribution_targets",
     "eenet_loss",

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from earlyexit.cuda_graphs import GraphedEarlyExit, capture_cuda_graphs
 from earlyexit.errors import EarlyExitError
 from earlyexit.inference import check_threshold, run_exit
 from earlyexit.model import EarlyExitNet
@@ -112,8 +113,10 @@ class _Pipeline:
         heads: Sequence[nn.Module],
         threshold: float,
         batch_size: int,
+        graphs: GraphedEarlyExit | None = None,
     ) -> None:
         self.stages, self.heads = stages, heads
+        self.graphs = graphs  # CUDA graphs captured at `batch_size`; None: the eager stages
         self.threshold = threshold
         self.batch_size = batch_size
         self.queues = [_Queue() for _ in stages]
@@ -144,9 +147,13 @@ class _Pipeline:
     def _run(self, i: int, n: int) -> None:
         x, ids = self.queues[i].take(n)
         if i == len(self.heads):
-            self._finish(ids, self.stages[i](x), i)
+            final = self.stages[i] if self.graphs is None else self.graphs._run_final
+            self._finish(ids, final(x), i)
             return
-        split = run_exit(self.stages[i], self.heads[i], x, ids, self.threshold)
+        if self.graphs is None:
+            split = run_exit(self.stages[i], self.heads[i], x, ids, self.threshold)
+        else:  # a partial batch is padded to `batch_size`
+            split = self.graphs._run_exit(i, x, ids, self.threshold)
         if self.dtype is None:
             self.dtype = split.logits.dtype
         self._finish(split.leave, split.logits, i)
@@ -233,6 +240,7 @@ def _predict_shard(
     progress: bool,
     rank: int,
     world: int,
+    cuda_graphs: bool = False,
 ) -> tuple[EarlyExitResult, torch.Tensor | None, int]:
     """This rank's share of the stream: its results, its targets, and the stream's length."""
     input_size = tuple(net.input_size)
@@ -260,7 +268,8 @@ def _predict_shard(
                     continue
                 if pipeline is None:
                     size = batch_size or x.shape[0]
-                    pipeline = _Pipeline(net.stages(), net._exit_heads(), threshold, size)
+                    graphs = capture_cuda_graphs(net, (size,)) if cuda_graphs else None
+                    pipeline = _Pipeline(net.stages(), net._exit_heads(), threshold, size, graphs)
                 # DistributedSampler's order: sample j of the stream goes to rank j % world.
                 mine = slice((rank - total) % world, None, world)
                 total += x.shape[0]
@@ -312,6 +321,7 @@ def predict(
     threshold: float | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    cuda_graphs: bool = False,
 ) -> Prediction:
     """Early-exit inference over a stream of batches, with every stage run at a full batch.
 
@@ -341,6 +351,9 @@ def predict(
             None.
         progress: show a progress bar over the input batches (only when stderr is a terminal,
             and only on rank 0).
+        cuda_graphs: run each stage, with its exit, as a CUDA graph captured at `batch_size`
+            (see `earlyexit.capture_cuda_graphs`); partial batches are padded to it. Needs
+            the net on a CUDA device.
 
     Returns:
         A `Prediction`: logits, exit indices and costs of all the samples in input order, on
@@ -351,6 +364,8 @@ def predict(
             a floating-point tensor or a pair, or `batch_size` is not an int.
         ValueError: the net is in train mode, `data` holds no samples, a batch has the wrong
             shape, or `batch_size` or `threshold` is out of range.
+        EarlyExitError: with `cuda_graphs=True`, the net is not on a CUDA device or a stage
+            cannot be captured (`earlyexit.capture_cuda_graphs` says which).
 
     Example:
         >>> import timm, torch, earlyexit
@@ -376,10 +391,14 @@ def predict(
             "`[x]` for one batch, or `x.split(64)` for batches of 64."
         )
     _check_batch_size(batch_size)
+    if not isinstance(cuda_graphs, bool):
+        raise TypeError(f"Expected `cuda_graphs` to be a bool, got {cuda_graphs!r}.")
     t = net.threshold if threshold is None else check_threshold(threshold)
     device = torch.device(device) if device is not None else next(net.parameters()).device
     rank, world = _process_group()
-    result, targets, total = _predict_shard(net, data, batch_size, t, device, progress, rank, world)
+    result, targets, total = _predict_shard(
+        net, data, batch_size, t, device, progress, rank, world, cuda_graphs
+    )
     if world > 1:
         result, targets = _gather(result, targets, total, rank, world)
     accuracy = None

@@ -1,5 +1,5 @@
 """The GPU path: the same invariants as on CPU, one host synchronisation per exit, channels_last,
-autocast, `net.compile()`, save/load and export on a CUDA device.
+autocast, `net.compile()`, save/load and export on a CUDA device, and CUDA graphs.
 
 Every test here is marked `gpu` and skipped where there is no CUDA device (see conftest.py);
 run them with `pytest -m gpu` on a machine that has one.
@@ -12,8 +12,10 @@ import warnings
 import pytest
 import timm
 import torch
+from torch import nn
 
 import earlyexit
+from earlyexit.cuda_graphs import CudaGraphError
 from earlyexit.export import export_stages
 from earlyexit.inference import exit_mask
 
@@ -142,3 +144,160 @@ def test_cuda_save_load_and_export(tmp_path):
     torch.testing.assert_close(c.logits, a.logits, rtol=1e-4, atol=1e-4)
     one = runner(x[:1])  # a batch axis that reaches down to a single sample
     assert torch.equal(one.exit_index, a.exit_index[:1])
+
+
+# CUDA graphs. The padding around the steps is checked on CPU (test_cuda_graphs.py); here, that
+# the captured graphs replay the same steps.
+
+
+def _clear(net, x: torch.Tensor, threshold: float, margin: float = 1e-3) -> torch.Tensor:
+    """The samples whose every confidence is further than `margin` from T: float noise of
+    another batch size (a padded one) cannot move them to another exit."""
+    full = net.forward_all(x)
+    h = torch.stack([torch.sigmoid(a.float()) for a in full.confidence_logits])
+    return ((h - threshold).abs() > margin).all(0)
+
+
+def _assert_same(out, ref, clear: torch.Tensor, tol: float = 1e-4) -> None:
+    assert torch.equal(out.exit_index[clear], ref.exit_index[clear])
+    same = out.exit_index == ref.exit_index
+    torch.testing.assert_close(out.logits[same], ref.logits[same], rtol=tol, atol=tol)
+    torch.testing.assert_close(out.cost[same], ref.cost[same], rtol=0, atol=0)
+
+
+def _count_calls(monkeypatch, cls, name: str) -> list[int]:
+    calls: list[int] = []
+    original = getattr(cls, name)
+
+    def spy(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@torch.no_grad()
+def test_cuda_graphs_give_the_eager_results(channels_last):
+    net, x = _net(batch=80)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    graphed = earlyexit.capture_cuda_graphs(net, 32)
+    assert graphed.batch_sizes == (1, 2, 4, 8, 16, 32)
+    clear = _clear(net, x, net.threshold)
+    assert clear.sum() >= 60
+    # 80 runs in slices of 32, 32 and 16; the others are padded, and so is every later stage.
+    batches = [x, x[:37], x[:5], x[:1], x[:0]]
+    refs = [net.early_exit(b) for b in batches]
+    assert (torch.bincount(refs[0].exit_index, minlength=net.num_exits + 1) > 0).sum() >= 3
+    called = []
+    hooks = [s.register_forward_pre_hook(lambda m, a: called.append(m)) for s in net.stages()]
+    try:
+        outs = [graphed(b) for b in batches]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert called == []  # replayed graphs: no stage ran from Python
+    for batch, out, ref in zip(batches, outs, refs, strict=True):
+        assert out.logits.device.type == "cuda" and out.logits.shape == ref.logits.shape
+        # channels_last: the graphs' first buffer is contiguous (as in the test above, 1e-3).
+        _assert_same(out, ref, clear[: len(batch)], tol=1e-3 if channels_last else 1e-4)
+
+
+@torch.no_grad()
+def test_cuda_graphs_wait_once_per_exit_and_never_sync_otherwise(monkeypatch):
+    net, x = _net(n_exits=3)
+    graphed = earlyexit.capture_cuda_graphs(net, 64)
+    graphed(x)
+    steps = graphed._steps
+    reads = _count_calls(monkeypatch, type(steps), "read")
+    replays = _count_calls(monkeypatch, torch.cuda.CUDAGraph, "replay")
+    torch.cuda.synchronize()
+    # Any stream or device synchronisation, any blocking copy, raises; the wait on the event
+    # after the count's copy to pinned memory does not, and the spy on `read` counts it.
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = graphed(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    # Every exit was reached, and the host waited once at each, for the count of stayers ...
+    assert int(out.exit_index.max()) == net.num_exits
+    assert len(reads) == net.num_exits
+    # ... while the stages ran as one graph each.
+    assert len(replays) == net.num_exits + 1
+
+
+@torch.no_grad()
+def test_cuda_graphs_threshold_changes_without_recapture(monkeypatch):
+    net, x = _net()
+    graphed = earlyexit.capture_cuda_graphs(net, 64)
+    captures = _count_calls(monkeypatch, torch.cuda.CUDAGraph, "capture_begin")
+    saved = net.threshold
+    try:
+        for t in (0.0, 0.3, 0.7, 2.0):
+            ref = net.early_exit(x, threshold=t)
+            clear = _clear(net, x, t)
+            _assert_same(graphed(x, threshold=t), ref, clear)
+            net.threshold = t
+            _assert_same(graphed(x), ref, clear)
+    finally:
+        net.threshold = saved
+    assert captures == []
+
+
+def test_cuda_predict_with_graphs_keeps_the_order(monkeypatch):
+    net, x = _net(batch=40)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(2))
+    batches = list(x[order.cuda()].cpu().split([5, 11, 1, 9, 14]))
+    with torch.no_grad():
+        results = [net.early_exit(x[k : k + 1]) for k in range(40)]
+        clear = _clear(net, x, net.threshold)[order.cuda()].cpu()
+    alone = earlyexit.EarlyExitResult(*(torch.cat(parts).cpu()[order] for parts in zip(*results)))
+    eager = earlyexit.predict(net, batches, batch_size=8, progress=False)
+    replays = _count_calls(monkeypatch, torch.cuda.CUDAGraph, "replay")
+    graphed = earlyexit.predict(net, batches, batch_size=8, progress=False, cuda_graphs=True)
+    assert replays  # the stages ran as graphs
+    assert all(t.device.type == "cpu" for t in graphed.result)
+    _assert_same(graphed.result, alone, clear)
+    _assert_same(graphed.result, eager.result, clear)
+
+
+@torch.no_grad()
+def test_cuda_graphs_under_autocast():
+    net, x = _net()
+    with torch.autocast("cuda", dtype=torch.float16), pytest.raises(ValueError, match="cache"):
+        earlyexit.capture_cuda_graphs(net, 64)
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        graphed = earlyexit.capture_cuda_graphs(net, 64)
+        ref = net.early_exit(x[:50])
+        clear = _clear(net, x[:50], net.threshold, margin=2e-2)
+    out = graphed(x[:50])  # the graphs replay what they captured: bfloat16
+    assert out.logits.dtype == torch.bfloat16
+    assert clear.sum() >= 25
+    assert torch.equal(out.exit_index[clear], ref.exit_index[clear])
+
+
+class _Syncing(nn.Module):
+    """A stage that reads a value back to the host: it runs, but cannot be captured."""
+
+    def __init__(self, stage: nn.Module) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stage(x)
+        return y if float(y.abs().sum()) >= 0 else -y
+
+
+@torch.no_grad()
+def test_cuda_graphs_name_the_stage_that_cannot_be_captured():
+    net, x = _net("toy", n_exits=2)
+    stages = net.stages()
+    stages[1] = _Syncing(stages[1])
+    with pytest.raises(CudaGraphError, match=r"Stage 1 with exit head 1 \(at `.+`\).*Hint"):
+        earlyexit.capture_cuda_graphs(net, 8)
+    # The caller's stream is back, and the device still works.
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    assert net.early_exit(x).exit_index.shape == (x.shape[0],)

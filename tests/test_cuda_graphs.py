@@ -1,0 +1,272 @@
+"""CUDA graphs, the part a CPU can check: the padding around the steps, and the errors.
+
+`GraphedEarlyExit` pads each batch to a captured batch size and runs steps on static buffers;
+here the same padding runs around the same steps executed eagerly (`cuda_graphs._eager`), and
+around steps that, as graphs do, write every run's results into the same output tensors
+(`_replaying`), so every sample's result can be compared with `net.early_exit` on that sample
+alone. That the graphs replay exactly these steps is checked on a GPU, in test_cuda.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import earlyexit
+import earlyexit.stream
+from earlyexit.cuda_graphs import (
+    CudaGraphError,
+    GraphedEarlyExit,
+    _check_net,
+    _eager,
+    _Steps,
+    bucket_sizes,
+    capture_cuda_graphs,
+)
+from earlyexit.inference import exit_mask
+
+from toy_models import ToyNet, spread_confidences
+
+POOL = 40
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+class _Replaying(_Steps):
+    """Steps that, as replayed graphs do, write each run's results into the same tensors."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.outputs: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        super().__init__(*args, **kwargs)
+
+    def _prepare(self, i: int, b: int) -> None:
+        self.outputs[i, b] = self._step(i, b)
+
+    def run(self, i: int, b: int) -> tuple[torch.Tensor, ...]:
+        for kept, new in zip(self.outputs[i, b], self._step(i, b), strict=True):
+            kept.copy_(new)
+        return self.outputs[i, b]
+
+
+def _replaying(net, batch_sizes) -> GraphedEarlyExit:
+    _check_net(net)
+    return GraphedEarlyExit(net, _Replaying(net, bucket_sizes(batch_sizes)))
+
+
+STEPS = {"eager": _eager, "replaying": _replaying}
+
+
+@pytest.fixture(scope="module")
+def pool() -> torch.Tensor:
+    return torch.randn(POOL, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def net(pool) -> earlyexit.EarlyExitNet:
+    torch.manual_seed(0)
+    net = earlyexit.convert(timm.create_model("resnet20"), n_exits=3).eval()
+    spread_confidences(net, pool)
+    return net
+
+
+@pytest.fixture(scope="module")
+def alone(net, pool) -> earlyexit.EarlyExitResult:
+    """Each pool sample's `early_exit` result, computed on that sample alone."""
+    with torch.no_grad():
+        results = [net.early_exit(pool[k : k + 1]) for k in range(POOL)]
+    return earlyexit.EarlyExitResult(*(torch.cat(parts) for parts in zip(*results)))
+
+
+def _check(out: earlyexit.EarlyExitResult, alone, index) -> None:
+    assert out.exit_index.tolist() == alone.exit_index[index].tolist()
+    torch.testing.assert_close(out.logits, alone.logits[index], **TOL)
+    torch.testing.assert_close(out.cost, alone.cost[index], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "batch_sizes, expected",
+    [(1, (1,)), (6, (1, 2, 4, 6)), (8, (1, 2, 4, 8)), ([8, 3, 3], (3, 8)), ((5,), (5,))],
+)
+def test_bucket_sizes(batch_sizes, expected):
+    assert bucket_sizes(batch_sizes) == expected
+
+
+@pytest.mark.parametrize(
+    "batch_sizes, error",
+    [
+        (0, ValueError),
+        (-4, ValueError),
+        ([], ValueError),
+        ([4, 0], ValueError),
+        (True, TypeError),
+        (2.0, TypeError),
+        ([4, "8"], TypeError),
+    ],
+)
+def test_bad_bucket_sizes(batch_sizes, error):
+    with pytest.raises(error, match="batch_sizes"):
+        bucket_sizes(batch_sizes)
+
+
+def test_the_pool_reaches_every_exit(net, alone):
+    counts = torch.bincount(alone.exit_index, minlength=net.num_exits + 1)
+    assert (counts >= 2).all(), counts
+
+
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("batch_sizes", [16, (3, 7), (40,)], ids=str)
+def test_padded_steps_give_each_sample_its_result_alone(net, pool, alone, batch_sizes, steps):
+    runner = STEPS[steps](net, batch_sizes)
+    order = torch.randperm(POOL, generator=torch.Generator().manual_seed(2))
+    for n in (1, 2, 5, 11, 17, 40):  # uneven sizes; above the largest size: in slices
+        index = order[:n]
+        _check(runner(pool[index]), alone, index)
+
+
+@pytest.mark.parametrize("steps", STEPS)
+def test_whatever_the_padding_rows_hold(net, pool, alone, steps):
+    runner = STEPS[steps](net, (8, 32))
+    for value in (float("nan"), 1e30, 0.0):
+        for buffer in runner._steps.inputs:
+            buffer.fill_(value)
+        _check(runner(pool[3:12]), alone, torch.arange(3, 12))  # 9 of 32 rows are real
+
+
+def test_results_are_shaped_as_early_exit_gives_them(net, pool):
+    runner = _eager(net, 4)
+    with torch.no_grad():
+        expected = net.early_exit(pool[:6])
+    out = runner.early_exit(pool[:6])
+    assert isinstance(out, earlyexit.EarlyExitResult)
+    for got, want in zip(out, expected, strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert not got.requires_grad
+    empty = runner(pool[:0])
+    assert empty.logits.shape == (0, net.num_classes) and empty.exit_index.shape == (0,)
+    with torch.inference_mode():  # as `predict` runs it
+        _ = runner(pool[:6])
+
+
+def test_threshold_changes_without_rebuilding_the_steps(net, pool, monkeypatch):
+    runner = _eager(net, 16)
+    steps = runner._steps
+    threshold = steps.threshold
+    prepared = []
+    monkeypatch.setattr(type(steps), "_prepare", lambda self, i, b: prepared.append((i, b)))
+    saved = net.threshold
+    try:
+        for t in (0.0, 0.3, 0.7, 2.0):
+            with torch.no_grad():
+                expected = net.early_exit(pool, threshold=t)
+            for out in (runner(pool, threshold=t), _with_net_threshold(net, runner, pool, t)):
+                assert out.exit_index.tolist() == expected.exit_index.tolist()
+                torch.testing.assert_close(out.logits, expected.logits, **TOL)
+    finally:
+        net.threshold = saved
+    assert prepared == [] and steps.threshold is threshold
+    assert runner(pool, threshold=0.0).exit_index.tolist() == [0] * POOL
+    assert runner(pool, threshold=2.0).exit_index.tolist() == [net.num_exits] * POOL
+
+
+def _with_net_threshold(net, runner, x, t):
+    net.threshold = t
+    return runner(x)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    t=st.floats(0.0, 1.0),
+    steps=st.lists(st.integers(-3, 3), min_size=1, max_size=16),
+)
+def test_a_threshold_tensor_is_the_same_rule_as_the_float(t, steps):
+    # Confidences right at T, and a few float32 steps either side of it.
+    h = torch.tensor(t, dtype=torch.float32).repeat(len(steps))
+    for k, s in enumerate(steps):
+        for _ in range(abs(s)):
+            h[k] = torch.nextafter(h[k], torch.tensor(1.0 if s > 0 else 0.0))
+    a = torch.logit(h.double()).float()  # confidence logits whose sigmoid lands near T
+    expected = exit_mask(a, t)
+    assert torch.equal(exit_mask(a, torch.tensor(t, dtype=torch.float32)), expected)
+
+
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("batch_size, input_batch", [(4, 5), (7, 3), (16, 40)])
+def test_predict_with_padded_steps_keeps_order_and_one_batch_size(
+    net, pool, alone, monkeypatch, batch_size, input_batch, steps
+):
+    monkeypatch.setattr(earlyexit.stream, "capture_cuda_graphs", STEPS[steps])
+    runs: list[list[int]] = [[] for _ in range(net.num_exits + 1)]
+    hooks = [
+        s.register_forward_pre_hook(lambda m, args, i=i: runs[i].append(args[0].shape[0]))
+        for i, s in enumerate(net.stages())
+    ]
+    order = torch.randperm(POOL, generator=torch.Generator().manual_seed(3))
+    try:
+        pred = earlyexit.predict(
+            net, pool[order].split(input_batch), batch_size=batch_size, cuda_graphs=True
+        )
+    finally:
+        for h in hooks:
+            h.remove()
+    _check(pred.result, alone, order)
+    eager = earlyexit.predict(net, pool[order].split(input_batch), batch_size=batch_size)
+    assert torch.equal(pred.exit_index, eager.exit_index)
+    # Every stage ran at `batch_size`, tails too: they were padded.
+    assert {size for sizes in runs for size in sizes} == {batch_size}
+
+
+def test_cpu_net_is_a_clear_error(net, pool):
+    for call in (
+        lambda: capture_cuda_graphs(net, 8),
+        lambda: earlyexit.predict(net, pool.split(8), cuda_graphs=True),
+    ):
+        with pytest.raises(CudaGraphError, match=r"need a CUDA device; the net is on cpu.*Hint"):
+            call()
+    assert issubclass(CudaGraphError, RuntimeError)
+    assert issubclass(CudaGraphError, earlyexit.EarlyExitError)
+
+
+def test_bad_arguments_are_clear_errors(net, pool):
+    with pytest.raises(TypeError, match="cuda_graphs"):
+        earlyexit.predict(net, pool.split(8), cuda_graphs="yes")
+    with pytest.raises(TypeError, match="EarlyExitNet"):
+        capture_cuda_graphs(net.backbone, 8)
+    runner = _eager(net, 4)
+    with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\).*Hint"):
+        runner(pool[:2, :, :16, :16])
+    with pytest.raises(ValueError, match="threshold"):
+        runner(pool[:2], threshold=-1.0)
+    net.train()
+    try:
+        for call in (lambda: capture_cuda_graphs(net, 8), lambda: runner(pool[:2])):
+            with pytest.raises(ValueError, match=r"train mode.*Hint: call `net.eval\(\)`"):
+                call()
+    finally:
+        net.eval()
+
+
+def _toy(bn: nn.Module | None = None) -> earlyexit.EarlyExitNet:
+    torch.manual_seed(0)
+    model = ToyNet()
+    if bn is not None:
+        model.blocks[1].bn = bn
+    return earlyexit.convert(model, n_exits=2, input_size=(3, 16, 16)).eval()
+
+
+def test_batch_statistics_are_refused():
+    net = _toy(nn.BatchNorm2d(8, track_running_stats=False))
+    with pytest.raises(CudaGraphError, match=r"`backbone.blocks.1.bn` is a BatchNorm2d.*Hint"):
+        _eager(net, 4)
+
+
+def test_moved_parameters_are_refused():
+    net = _toy()
+    runner = _eager(net, 4)
+    x = torch.randn(3, 3, 16, 16)
+    runner(x)
+    net.double()
+    with pytest.raises(CudaGraphError, match=r"parameters moved.*Hint: capture again"):
+        runner(x.double())
