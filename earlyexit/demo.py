@@ -127,6 +127,11 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", default="earlyexit-demo", help="folder for the plot (default ./earlyexit-demo)"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--no-download",
+        action="store_true",
+        help="with --dataset mnist: never download, use only what --data-dir holds",
+    )
 
 
 def _add_per_dataset_option(
@@ -172,17 +177,21 @@ def load_digits_data(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
     )
 
 
-def load_mnist_data(data_dir: str | Path) -> tuple[TensorDataset, TensorDataset]:
+def load_mnist_data(
+    data_dir: str | Path, download: bool = False
+) -> tuple[TensorDataset, TensorDataset]:
     """MNIST from torchvision's layout (`data_dir/MNIST/raw`), as in-memory tensors.
 
     Args:
-        data_dir: the folder that holds `MNIST/`.
+        data_dir: the folder that holds (or will hold) `MNIST/`.
+        download: fetch MNIST with torchvision when it is not there; files already there
+            are used as they are, without a network.
 
     Returns:
         `(train, test)` datasets of normalized `(1, 28, 28)` images and class indices.
 
     Raises:
-        FileNotFoundError: MNIST is not there (nothing is downloaded).
+        FileNotFoundError: MNIST is not there and could not be (or was not to be) downloaded.
     """
     from torchvision.datasets import MNIST
 
@@ -190,11 +199,13 @@ def load_mnist_data(data_dir: str | Path) -> tuple[TensorDataset, TensorDataset]
 
     def load(train: bool) -> TensorDataset:
         try:
-            ds = MNIST(str(data_dir), train=train, download=False)
-        except RuntimeError as err:
+            ds = MNIST(str(data_dir), train=train, download=download)
+        except (RuntimeError, OSError) as err:  # not there, or no network to fetch it
             raise FileNotFoundError(
-                f"MNIST was not found under {str(data_dir)!r}. Hint: pass --data-dir, the "
-                "folder that holds MNIST/raw (torchvision's layout)."
+                f"MNIST was not found under {str(data_dir)!r}"
+                + (" and could not be downloaded" if download else "")
+                + ". Hint: pass --data-dir, the folder that holds MNIST/raw (torchvision's "
+                "layout), or run once where there is a network."
             ) from err
         x = ds.data.float().div(255.0).sub(MNIST_MEAN[0]).div(MNIST_STD[0]).unsqueeze(1)
         return TensorDataset(x, ds.targets.long())
@@ -382,13 +393,13 @@ def run_demo(args: argparse.Namespace) -> int:
             what = "scikit-learn digits (8x8 upsampled to 28x28)"
         else:
             try:
-                data = load_mnist_data(args.data_dir)
+                data = load_mnist_data(args.data_dir, download=not args.no_download)
             except FileNotFoundError as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 2
             what = "MNIST"
         print(
-            f"EENet-8 (resnet8 width 4, 2 quadratic pool exits) on {what}: "
+            f"EENet-8 (resnet8 width 4, 2 quadratic exits) on {what}: "
             f"{len(data[0])} train / {len(data[1])} test, {epochs} epochs, Adam lr {lr:g}, "
             f"batch {batch_size}, λ={args.lam}, seed {args.seed}",
             flush=True,

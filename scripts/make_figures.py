@@ -42,7 +42,16 @@ ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "docs" / "assets"
 
 #: The figures `--only` can pick, in the order they are made.
-FIGURES = ("eenet", "profiles", "distributions", "costs", "paper", "tradeoff", "speed")
+FIGURES = (
+    "eenet",
+    "profiles",
+    "distributions",
+    "costs",
+    "paper",
+    "tradeoff",
+    "speed",
+    "recipe",
+)
 
 #: Models of the cost-profile figure: (timm name, label, input size or None for the model's own).
 PROFILE_MODELS = (
@@ -385,12 +394,26 @@ SPEED_RESULTS = (
 )
 
 
+def _load_benchmark(name: str):
+    """A script of benchmarks/ as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+def recipe_results(out: Path) -> None:
+    """The training-recipe ablation's trade-off curves, from saved results: no training."""
+    recipe = _load_benchmark("recipe")
+    path = ROOT / "benchmarks" / "results" / "recipe.json"
+    records = [recipe.Record(**r) for r in json.loads(path.read_text())]
+    recipe.plot(records, str(out / "recipe.png"))
+
+
 def speed_results(out: Path) -> None:
     """Efficiency and overhead against batch size, from saved results: this measures nothing."""
-    spec = importlib.util.spec_from_file_location("speed", ROOT / "benchmarks" / "speed.py")
-    speed = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = speed  # its dataclass looks its module up while being defined
-    spec.loader.exec_module(speed)
+    speed = _load_benchmark("speed")
     results = ROOT / "benchmarks" / "results"
     speed.plot_results(speed.load_series([results / n for n in SPEED_RESULTS]), out / "speed.png")
 
@@ -428,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         tradeoff_digits(args.out, numbers)
     if "speed" in only:
         speed_results(args.out)
+    if "recipe" in only:
+        recipe_results(args.out)
     numbers_path.write_text(json.dumps(numbers, indent=1) + "\n")
     print(f"wrote {sorted(p.name for p in args.out.iterdir())} in {time.time() - start:.0f} s")
     return 0

@@ -92,10 +92,30 @@ def test_progress_bars_only_on_a_terminal(
 
 
 def test_cli_runs_the_demo_and_reports_missing_mnist(tmp_path, capsys):
-    code = cli.main(["demo", "--dataset", "mnist", "--data-dir", str(tmp_path), "--no-progress"])
+    argv = ["demo", "--dataset", "mnist", "--data-dir", str(tmp_path), "--no-progress"]
+    code = cli.main([*argv, "--no-download"])
     assert code == 2
     err = capsys.readouterr().err
     assert "MNIST was not found" in err and "--data-dir" in err
+    assert "downloaded" not in err
+
+
+def test_demo_tries_to_download_mnist_and_says_when_it_cannot(tmp_path, capsys, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    opened = []
+
+    def offline(request, *args, **kwargs):  # no network, as on a machine without access
+        opened.append(request)
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    code = cli.main(["demo", "--dataset", "mnist", "--data-dir", str(tmp_path), "--no-progress"])
+    assert code == 2 and opened
+    err = capsys.readouterr().err.strip()
+    assert "MNIST was not found" in err and "could not be downloaded" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_demo_rejects_bad_options(capsys):
