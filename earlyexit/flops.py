@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from earlyexit.errors import TraceError
-from earlyexit.graph import TracedModel, split_stages, trace_model
+from earlyexit.fx.analysis import ModelAnalysis, analyse_model
+from earlyexit.fx.split import split_graph
 
 __all__ = ["Candidate", "FlopProfile", "count_macs", "profile", "resolve_input_size"]
 
@@ -30,6 +31,8 @@ class Candidate:
         channel_axis: axis of the batched feature that holds the channels.
         cumulative_macs: MACs of the model from the input up to and including this node.
         fraction: `cumulative_macs` divided by the whole model's MACs.
+        aliases: the node's other names (the other modules whose output it is), each
+            accepted wherever exit names are passed in.
     """
 
     name: str
@@ -37,6 +40,7 @@ class Candidate:
     channel_axis: int
     cumulative_macs: int
     fraction: float
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass
@@ -48,13 +52,14 @@ class FlopProfile:
         candidates: every candidate exit point, in execution order.
         input_size: the `(C, H, W)` the profile was taken at.
         num_classes: the size of the model's output.
+        analysis: the traced and analysed model the profile was taken from.
     """
 
     total_macs: int
     candidates: list[Candidate]
     input_size: tuple[int, ...]
     num_classes: int
-    traced: TracedModel | None = field(default=None, repr=False, compare=False)
+    analysis: ModelAnalysis | None = field(default=None, repr=False, compare=False)
 
     def names(self) -> list[str]:
         """The candidates' qualified names, in order."""
@@ -154,14 +159,14 @@ def resolve_input_size(model: nn.Module, input_size: Sequence[int] | None) -> tu
     return tuple(input_size)  # type: ignore[return-value]
 
 
-def profile_traced(traced: TracedModel) -> FlopProfile:
-    """Profile an already traced model: one fvcore pass over the graph split at every cut point."""
-    names = [c.name for c in traced.cut_points]
-    segments = split_stages(traced.eval_graph, names)
-    param = next(iter(traced.eval_graph.parameters()), None)
+def profile_analysis(analysis: ModelAnalysis) -> FlopProfile:
+    """Profile an analysed model: one fvcore pass over the graph split at every cut point."""
+    names = [c.name for c in analysis.cut_points]
+    segments = split_graph(analysis.eval_graph, names)
+    param = next(iter(analysis.eval_graph.module.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    example = torch.zeros(1, *traced.input_size, device=device, dtype=dtype)
+    example = torch.zeros(1, *analysis.input_size, device=device, dtype=dtype)
     macs = segment_macs(segments, example)
     total = sum(macs)
     if total <= 0:
@@ -171,7 +176,7 @@ def profile_traced(traced: TracedModel) -> FlopProfile:
         )
     candidates: list[Candidate] = []
     cumulative = 0
-    for cut, seg in zip(traced.cut_points, macs):
+    for cut, seg in zip(analysis.cut_points, macs):
         cumulative += seg
         if seg == 0 and candidates:
             # No MAC-bearing op since the previous cut point: one candidate, the later one.
@@ -181,9 +186,11 @@ def profile_traced(traced: TracedModel) -> FlopProfile:
             # an exit there costs what the final exit does.
             continue
         candidates.append(
-            Candidate(cut.name, cut.shape, cut.channel_axis, cumulative, cumulative / total)
+            Candidate(
+                cut.name, cut.shape, cut.channel_axis, cumulative, cumulative / total, cut.aliases
+            )
         )
-    return FlopProfile(total, candidates, traced.input_size, traced.num_classes, traced)
+    return FlopProfile(total, candidates, analysis.input_size, analysis.num_classes, analysis)
 
 
 def profile(model: nn.Module, input_size: Sequence[int] | None = None) -> FlopProfile:
@@ -209,4 +216,4 @@ def profile(model: nn.Module, input_size: Sequence[int] | None = None) -> FlopPr
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be an nn.Module, got {type(model).__name__}.")
     size = resolve_input_size(model, input_size)
-    return profile_traced(trace_model(model, size))
+    return profile_analysis(analyse_model(model, size))

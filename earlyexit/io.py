@@ -35,8 +35,10 @@ import torch
 from torch import nn
 
 from earlyexit.errors import CheckpointError, EarlyExitError
-from earlyexit.graph import trace_model
-from earlyexit.model import EarlyExitConfig, EarlyExitNet, _assemble
+from earlyexit.fx.analysis import CutPoint, ModelAnalysis, analyse_model
+from earlyexit.fx.split import split_model
+from earlyexit.heads import ExitHead
+from earlyexit.model import EarlyExitConfig, EarlyExitNet
 
 __all__ = ["ARCHITECTURE_KWARGS", "FORMAT_VERSION", "METADATA_KEY", "load", "read_metadata", "save"]
 
@@ -252,16 +254,35 @@ def load(
             f"The earlyexit metadata of {path!r} is incomplete ({type(err).__name__}: {err}). "
             "Hint: the file was edited or corrupted; save the model again."
         ) from err
+    if config.exit_names is None or config.input_size is None:
+        raise CheckpointError(
+            f"The saved config of {path!r} has no `exit_names` or `input_size`. Hint: the "
+            "file was edited or corrupted; save the model again."
+        )
+    n = config.n_exits
+    if len(stage_macs) != n + 1 or len(head_macs) != n or sum(stage_macs) <= 0:
+        raise CheckpointError(
+            f"The saved MAC counts of {path!r} do not fit {n} exits: stage_macs={stage_macs}, "
+            f"head_macs={head_macs}. Hint: the file was edited or corrupted; save the model "
+            "again."
+        )
     rebuilt = backbone is None
     if rebuilt:
         backbone = _create_backbone(meta, path)
     try:
-        net = _rebuild(backbone, config, stage_macs, head_macs, meta.get("heads"))
+        analysis = analyse_model(backbone, tuple(config.input_size))
+        cuts = _saved_cut_points(analysis, config, meta.get("heads"))
+        # Files name the exits as the library did when they were saved: an older name is an
+        # alias of the same cut point.
+        config.exit_names = [c.name for c in cuts]
+        staged = split_model(analysis, config.exit_names)
     except EarlyExitError as err:
         raise CheckpointError(
             f"{path!r} does not fit {type(backbone).__name__}: {err} Hint: pass the backbone "
             f"the file was saved from ({_architecture_text(meta)})."
         ) from err
+    heads = [ExitHead(config.exit_type, c.shape, c.channel_axis, staged.num_classes) for c in cuts]
+    net = EarlyExitNet(backbone, staged, heads, config, stage_macs=stage_macs, head_macs=head_macs)
     _check_tensors(net, tensors, path, meta)
     net.load_state_dict(tensors, strict=True)
     dtype = getattr(torch, str(meta.get("dtype")), None)
@@ -271,55 +292,42 @@ def load(
     return net.eval()
 
 
-def _rebuild(
-    backbone: nn.Module,
+def _saved_cut_points(
+    analysis: ModelAnalysis,
     config: EarlyExitConfig,
-    stage_macs: Sequence[int],
-    head_macs: Sequence[int],
-    saved_heads: Sequence[Mapping[str, Any]] | None = None,
-) -> EarlyExitNet:
-    """Build an `EarlyExitNet` at known exits with known MACs: trace and split, no profiling.
+    saved_heads: Sequence[Mapping[str, Any]] | None,
+) -> list[CutPoint]:
+    """The cut point of each saved exit, checked against the head layout the file recorded.
 
     Args:
-        backbone: the model; it is traced at `config.input_size`, not changed.
-        config: a resolved config (its `exit_names` and `input_size` set).
-        stage_macs: the N+1 stage MAC counts.
-        head_macs: the N head MAC counts.
-        saved_heads: per exit, the `shape` and `channel_axis` the file recorded, checked
-            against the traced ones.
+        analysis: the traced backbone.
+        config: the saved config.
+        saved_heads: per exit, the `shape` and `channel_axis` the file recorded.
 
     Raises:
-        TraceError: when the model cannot be traced or has no such cut points.
-        CheckpointError: when the counts or the exit layout do not fit.
+        CheckpointError: when a cut point is missing or the exit layout does not fit.
     """
-    if config.exit_names is None or config.input_size is None:
-        raise CheckpointError("The saved config has no `exit_names` or `input_size`.")
-    n = config.n_exits
-    if len(stage_macs) != n + 1 or len(head_macs) != n or sum(stage_macs) <= 0:
-        raise CheckpointError(
-            f"The saved MAC counts do not fit {n} exits: stage_macs={list(stage_macs)}, "
-            f"head_macs={list(head_macs)}."
-        )
-    traced = trace_model(backbone, tuple(config.input_size))
-    cuts = {c.name: c for c in traced.cut_points}
-    missing = [name for name in config.exit_names if name not in cuts]
+    names = list(config.exit_names or [])
+    found = {name: analysis.find(name) for name in names}
+    missing = [name for name, cut in found.items() if cut is None]
     if missing:
         raise CheckpointError(
-            f"{type(backbone).__name__} has no cut point named {missing} at input size "
-            f"{tuple(config.input_size)}."
+            f"it has no cut point named {missing} at input size {tuple(config.input_size or ())}."
         )
-    chosen = [cuts[name] for name in config.exit_names]
+    cuts = [found[name] for name in names]
     saved_heads = list(saved_heads) if saved_heads is not None else []
-    if saved_heads and len(saved_heads) != n:
-        raise CheckpointError(f"The file describes {len(saved_heads)} exit heads, not {n}.")
-    for i, (cut, saved) in enumerate(zip(chosen[: len(saved_heads)], saved_heads, strict=True)):
+    if saved_heads and len(saved_heads) != len(names):
+        raise CheckpointError(
+            f"the file describes {len(saved_heads)} exit heads, not {len(names)}."
+        )
+    for i, (cut, saved) in enumerate(zip(cuts[: len(saved_heads)], saved_heads, strict=True)):
         shape, axis = tuple(saved["shape"]), int(saved["channel_axis"])
         if (shape, axis) != (cut.shape, cut.channel_axis):
             raise CheckpointError(
                 f"exit {i} ({cut.name}) sees a feature of shape {cut.shape} (channel axis "
                 f"{cut.channel_axis}), but the file was saved with {shape} (channel axis {axis})."
             )
-    return _assemble(backbone, traced, config, chosen, stage_macs, head_macs)
+    return cuts  # type: ignore[return-value]
 
 
 def _file_mode(path: str) -> int:

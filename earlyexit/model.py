@@ -13,14 +13,9 @@ import torch
 from torch import nn
 
 from earlyexit.errors import EarlyExitWarning, PlacementError, TraceError
-from earlyexit.flops import (
-    Candidate,
-    FlopProfile,
-    count_macs,
-    profile_traced,
-    resolve_input_size,
-)
-from earlyexit.graph import CutPoint, TracedModel, split_stages, trace_model
+from earlyexit.flops import FlopProfile, count_macs, profile_analysis, resolve_input_size
+from earlyexit.fx.analysis import analyse_model, find_by_name
+from earlyexit.fx.split import StagedGraph, split_model
 from earlyexit.heads import ExitHead, canonical_exit_type
 from earlyexit.inference import check_threshold, run_early_exit
 from earlyexit.outputs import EarlyExitResult, ExitOutputs
@@ -57,7 +52,9 @@ class EarlyExitConfig:
             `pool` or `bnpool`.
         threshold: T; at inference a sample leaves at exit i when h_i >= T. Above 1: never.
         input_size: `(C, H, W)`; from the model's timm config when None.
-        exit_names: the cut points to put the exits after; chosen by `dist` when None.
+        exit_names: the cut points to put the exits after, each by its name or any alias
+            (`layer1.2` or `layer1`: see `earlyexit.profile`); chosen by `dist` when None.
+            `convert` resolves them to the cut points' own names.
         grad_scale: in training, the factor on the gradient that flows from each exit head
             back into the backbone (the heads' own parameters get their full gradient).
             Below 1, the early exits pull the shared backbone less, which keeps the final
@@ -98,10 +95,11 @@ class EarlyExitConfig:
         if self.input_size is not None:
             self.input_size = tuple(self.input_size)  # type: ignore[assignment]
         if self.exit_names is not None:
-            names = list(self.exit_names)
+            names = [] if isinstance(self.exit_names, str) else list(self.exit_names)
             if len(names) != self.n_exits or not all(isinstance(n, str) for n in names):
                 raise ValueError(
-                    f"Expected `exit_names` to be {self.n_exits} node names, got {names!r}."
+                    f"Expected `exit_names` to be {self.n_exits} node names, got "
+                    f"{self.exit_names!r}."
                 )
             self.exit_names = names
 
@@ -125,12 +123,26 @@ class EarlyExitConfig:
 class EarlyExitNet(nn.Module):
     """A model with early exits: N exit heads along the backbone, the backbone's own head last.
 
-    Build one with `earlyexit.convert`. In train mode `net(x)` returns `ExitOutputs` for
-    `EENetLoss`; in eval mode it returns the `(B, num_classes)` logits of early-exit inference.
+    Build one with `earlyexit.convert`, or `earlyexit.load` from a file; both end in this
+    constructor. In train mode `net(x)` returns `ExitOutputs` for `EENetLoss`; in eval mode it
+    returns the `(B, num_classes)` logits of early-exit inference.
+
+    Args:
+        backbone: the original model; the stages share its parameters. The net takes its mode.
+        staged: the backbone split into N+1 stages, in both modes, at the exits' cut points.
+        heads: the N exit heads, one per cut point of `staged`, in order; they are moved to
+            the backbone's device and dtype.
+        config: the resolved config: its `exit_names` are the cut points of `staged`.
+        stage_macs: MACs of each of the N+1 stages, for one sample.
+        head_macs: MACs of each exit head, for one sample.
+
+    Raises:
+        ValueError: when the pieces do not fit together.
 
     Attributes:
-        backbone: the original model; the stages share its parameters.
+        backbone: the original model.
         heads: the N exit heads.
+        staged: the N+1 stages of each mode (`stages()` gives them).
         config: the resolved `EarlyExitConfig` (with `exit_names` and `input_size`).
         exit_costs: `(N+1,)` relative costs c_0 < ... < c_N.
         stage_macs: MACs of each of the N+1 stages, for one sample.
@@ -141,21 +153,36 @@ class EarlyExitNet(nn.Module):
     def __init__(
         self,
         backbone: nn.Module,
+        staged: StagedGraph,
         heads: Sequence[ExitHead],
-        stages: dict[bool, list[nn.Module]],
         config: EarlyExitConfig,
-        num_classes: int,
+        *,
         stage_macs: Sequence[int],
         head_macs: Sequence[int],
     ) -> None:
         super().__init__()
+        heads = list(heads)
+        n = len(staged.cut_points)
+        if config.exit_names != staged.names or len(heads) != n:
+            raise ValueError(
+                f"Expected {n} exit heads and `config.exit_names` {staged.names}, as the stages "
+                f"are split, got {len(heads)} heads and {config.exit_names}."
+            )
+        if tuple(config.input_size or ()) != staged.input_size:
+            raise ValueError(
+                f"Expected `config.input_size` {staged.input_size}, the size the stages were "
+                f"traced at, got {config.input_size}."
+            )
+        if len(stage_macs) != n + 1 or len(head_macs) != n or sum(stage_macs) <= 0:
+            raise ValueError(
+                f"Expected MAC counts of {n + 1} stages and {n} heads, got "
+                f"stage_macs={list(stage_macs)}, head_macs={list(head_macs)}."
+            )
         self.backbone = backbone
         self.heads = nn.ModuleList(heads)
-        # Not registered as submodules: they only hold the backbone's own modules, which
-        # `backbone` already owns (and `state_dict` should name once).
-        self._stages = stages
+        self.staged = staged
         self.config = config
-        self.num_classes = num_classes
+        self.num_classes = staged.num_classes
         self.stage_macs = [int(m) for m in stage_macs]
         self.head_macs = [int(m) for m in head_macs]
         self.backbone_macs = sum(self.stage_macs)
@@ -164,8 +191,13 @@ class EarlyExitNet(nn.Module):
             total += macs + (self.head_macs[i] if i < len(self.head_macs) else 0)
             costs.append(total / self.backbone_macs)
         self.register_buffer("exit_costs", torch.tensor(costs), persistent=False)
-        self._compiled: dict[bool, list[nn.Module]] | None = None
         self._compiled_heads: list[nn.Module] | None = None
+        param = next(iter(backbone.parameters()), None)
+        if param is not None:
+            self.heads.to(device=param.device, dtype=param.dtype)
+        # Take the backbone's mode without touching its modules' own flags.
+        self.heads.train(backbone.training)
+        self.training = self.staged.training = backbone.training
 
     @property
     def num_exits(self) -> int:
@@ -192,11 +224,8 @@ class EarlyExitNet(nn.Module):
         self.config.threshold = check_threshold(value)
 
     def stages(self, training: bool | None = None) -> list[nn.Module]:
-        """The N+1 stages for a mode (the current one by default)."""
-        mode = self.training if training is None else training
-        if self._compiled is not None:
-            return self._compiled[mode]
-        return self._stages[mode]
+        """The N+1 stages for a mode (the current one by default); compiled after `compile()`."""
+        return self.staged.stages(self.training if training is None else training)
 
     def compile(self, **kwargs: Any) -> EarlyExitNet:  # type: ignore[override]
         """Compile each stage and head with `torch.compile` (keyword arguments pass through).
@@ -204,10 +233,7 @@ class EarlyExitNet(nn.Module):
         Early-exit inference then runs the compiled pieces; the parameters stay shared.
         """
         dynamic = kwargs.pop("dynamic", True)
-        self._compiled = {
-            mode: [torch.compile(s, dynamic=dynamic, **kwargs) for s in stages]
-            for mode, stages in self._stages.items()
-        }
+        self.staged.compile(dynamic=dynamic, **kwargs)
         self._compiled_heads = [torch.compile(h, dynamic=dynamic, **kwargs) for h in self.heads]
         return self
 
@@ -216,15 +242,6 @@ class EarlyExitNet(nn.Module):
         if self._compiled_heads is not None:
             return self._compiled_heads
         return list(self.heads)
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        # Tensors that tracing attached to the stages themselves move with the net too; the
-        # shared modules are visited again, which leaves them as they are.
-        for stages in self._stages.values():
-            for stage in stages:
-                stage._apply(fn, recurse)
-        return self
 
     def forward_all(self, x: torch.Tensor) -> ExitOutputs:
         """Run every sample through every exit, whatever the mode.
@@ -278,6 +295,7 @@ def _resolve_config(
     exit_type: str,
     input_size: Sequence[int] | None,
     threshold: float,
+    exit_names: Sequence[str] | None,
     grad_scale: float | None,
 ) -> EarlyExitConfig:
     if isinstance(n_exits, EarlyExitConfig):
@@ -288,6 +306,7 @@ def _resolve_config(
         exit_type=exit_type,  # type: ignore[arg-type]
         threshold=threshold,
         input_size=tuple(input_size) if input_size is not None else None,  # type: ignore[arg-type]
+        exit_names=exit_names,  # type: ignore[arg-type]
         grad_scale=grad_scale,
     )
 
@@ -298,15 +317,20 @@ def _choose_exits(
     """The candidates to put the exits after, and the warnings the placement gives."""
     names = prof.names()
     if config.exit_names is not None:
-        missing = [n for n in config.exit_names if n not in names]
+        found = [find_by_name(n, prof.candidates) for n in config.exit_names]
+        missing = [n for n, k in zip(config.exit_names, found) if k is None]
         if missing:
             raise PlacementError(
                 f"{model_name} has no candidate exit point named {missing}. Hint: "
                 "`earlyexit.profile(model).candidates` lists them."
             )
-        picks = [names.index(n) for n in config.exit_names]
+        picks = [k for k in found if k is not None]
         if picks != sorted(set(picks)):
-            raise PlacementError(f"`exit_names` {config.exit_names} are not in execution order.")
+            raise PlacementError(
+                f"`exit_names` {config.exit_names} are not in execution order or name one "
+                f"cut point twice ({[names[k] for k in picks]}). Hint: list them in the order "
+                "of `earlyexit.profile(model).candidates`, each once."
+            )
         return picks, []
     if config.n_exits > len(names):
         raise PlacementError(
@@ -417,12 +441,13 @@ def convert(
     """Turn a classifier into an early-exit network.
 
     The model is traced with torch.fx, profiled with fvcore, and split after the cut points
-    that the distribution rule picks; an exit head goes on each. The model itself is not
-    modified: the returned net's stages share its parameters.
+    that the distribution rule picks (or that `exit_names` names); an exit head goes on each.
+    The model itself is not modified: the returned net's stages share its parameters.
 
     Args:
         model: a timm, torchvision or other traceable classifier.
-        n_exits: N, the number of early exits, or a full `EarlyExitConfig`.
+        n_exits: N, the number of early exits, or a full `EarlyExitConfig` (then the other
+            arguments are not used).
         dist: `pareto`, `golden_ratio` (aliases `gold_ratio`, `golden`), `fine`, `linear` or
             `quadratic`.
         exit_type: `conv` (default: a pooled 3×3 conv before the branches, see
@@ -453,10 +478,10 @@ def convert(
     if isinstance(model, EarlyExitNet):
         raise TypeError("`model` is already an EarlyExitNet. Hint: convert its `backbone`.")
     _check_has_classifier(model)
-    config = _resolve_config(n_exits, dist, exit_type, input_size, threshold, grad_scale)
+    config = _resolve_config(n_exits, dist, exit_type, input_size, threshold, None, grad_scale)
     config.input_size = resolve_input_size(model, config.input_size)
-    traced = trace_model(model, config.input_size)
-    prof = profile_traced(traced)
+    analysis = analyse_model(model, config.input_size)
+    prof = profile_analysis(analysis)
     picks, notes = _choose_exits(prof, config, type(model).__name__)
     for note in notes:
         warnings.warn(note, EarlyExitWarning, stacklevel=2)
@@ -464,44 +489,9 @@ def convert(
     config.exit_names = [c.name for c in chosen]
     cumulative = [c.cumulative_macs for c in chosen] + [prof.total_macs]
     stage_macs = [b - a for a, b in zip([0, *cumulative[:-1]], cumulative)]
-    return _assemble(model, traced, config, chosen, stage_macs)
-
-
-def _assemble(
-    model: nn.Module,
-    traced: TracedModel,
-    config: EarlyExitConfig,
-    cuts: Sequence[CutPoint | Candidate],
-    stage_macs: Sequence[int],
-    head_macs: Sequence[int] | None = None,
-) -> EarlyExitNet:
-    """Put exit heads on a traced model and split it into stages at `config.exit_names`.
-
-    Args:
-        model: the backbone that `traced` was traced from.
-        traced: the model traced in eval and train mode.
-        config: a resolved config (its `exit_names` and `input_size` set).
-        cuts: per exit, the cut point it sits after (for the feature's shape and channel axis).
-        stage_macs: the N+1 stage MAC counts.
-        head_macs: the N head MAC counts; counted here (once, on the CPU) when None.
-
-    Returns:
-        The `EarlyExitNet`, its heads on the model's device and dtype, in the model's mode.
-    """
-    num_classes = traced.num_classes
-    heads = [ExitHead(config.exit_type, c.shape, c.channel_axis, num_classes) for c in cuts]
-    if head_macs is None:
-        head_macs = [count_macs(h, torch.zeros(1, *h.shape)) for h in heads]
-    param = next(iter(model.parameters()), None)
-    if param is not None:
-        heads = [h.to(device=param.device, dtype=param.dtype) for h in heads]
-    for h in heads:
-        h.train(model.training)
-    stages = {
-        False: split_stages(traced.eval_graph, config.exit_names),
-        True: split_stages(traced.train_graph, config.exit_names),
-    }
-    net = EarlyExitNet(model, heads, stages, config, num_classes, stage_macs, head_macs)
-    # Take the model's mode without touching its modules' own flags.
-    net.training = model.training
-    return net
+    head_macs = [
+        _head_macs(config.exit_type, c.shape, c.channel_axis, prof.num_classes) for c in chosen
+    ]
+    heads = [ExitHead(config.exit_type, c.shape, c.channel_axis, prof.num_classes) for c in chosen]
+    staged = split_model(analysis, config.exit_names)
+    return EarlyExitNet(model, staged, heads, config, stage_macs=stage_macs, head_macs=head_macs)

@@ -3,6 +3,7 @@ ops, and clear errors for what cannot be traced."""
 
 from __future__ import annotations
 
+import copy
 from collections import namedtuple
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 import earlyexit
-from earlyexit.graph import split_stages, trace_model
+from earlyexit.fx import analyse_model, split_graph
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -117,9 +118,9 @@ def test_sizes_do_not_hide_cut_points(cls):
 
 
 def test_size_is_rebuilt_from_the_stage_input():
-    traced = trace_model(BatchSizeAtTheTop().eval(), (3, 32, 32))
-    names = [c.name for c in traced.cut_points]
-    stages = split_stages(traced.eval_graph, [names[1]])
+    analysis = analyse_model(BatchSizeAtTheTop().eval(), (3, 32, 32))
+    names = [c.name for c in analysis.cut_points]
+    stages = split_graph(analysis.eval_graph, [names[1]])
     assert "_rebuilt_size" in stages[1].code
     with torch.no_grad():
         feature = stages[0](torch.randn(5, 3, 32, 32))
@@ -137,6 +138,54 @@ def test_tuple_output_in_training_keeps_the_logits_and_inplace_ops():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(net.forward_all(x).logits[-1], model(x))
+
+
+class AttachedTensors(nn.Module):
+    """Tensors that tracing attaches to the stages: a constant, and a buffer and a parameter
+    of a module that is traced through (not a leaf)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(_block(3, 8), _block(8, 8), _block(8, 8))
+        self.register_buffer("shift", torch.full((1, 8, 1, 1), 0.5))
+        self.gain = nn.Parameter(torch.ones(1, 8, 1, 1))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.blocks[0](x) * torch.tensor(2.0)
+        x = self.blocks[2](self.blocks[1](x) + self.shift) * self.gain
+        return self.fc(x.mean((2, 3)))
+
+
+def test_stages_share_the_weights_and_move_with_the_net():
+    model = AttachedTensors()
+    names = earlyexit.profile(model, (3, 16, 16)).names()[:2]
+    config = earlyexit.EarlyExitConfig(2, exit_names=names, input_size=(3, 16, 16))
+    net = earlyexit.convert(model, config)
+    # The stages hold the backbone's own layers: the state dict names each weight once.
+    assert all(k.startswith(("backbone.", "heads.")) for k in net.state_dict())
+    assert len(net.state_dict()) == len(model.state_dict()) + len(net.heads.state_dict())
+    assert {id(p) for p in net.parameters()} == {
+        id(p) for p in (*model.parameters(), *net.heads.parameters())
+    }
+    x = torch.randn(4, 3, 16, 16)
+    for training in (False, True):
+        stages = net.stages(training=training)
+        assert len(stages) == 3 and stages == net.staged.stages(training)
+        owned = [t for s in stages for t in (*s.parameters(), *s.buffers())]
+        assert any(t is model.shift for t in owned) and any(t is model.gain for t in owned)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval().staged(x), model.eval()(x))
+    copy64 = copy.deepcopy(net).double()
+    for training in (False, True):
+        for stage in copy64.stages(training=training):
+            floats = [t for t in (*stage.parameters(), *stage.buffers()) if t.is_floating_point()]
+            assert floats and all(t.dtype == torch.float64 for t in floats)
+    assert all(t.dtype == torch.float32 for t in net.parameters())
+    with torch.no_grad():
+        out = copy64.eval().forward_all(x.double())
+        torch.testing.assert_close(out.logits[-1], model(x).double())
+    assert "StagedGraph(3 stages" in repr(net)
 
 
 class DataDependent(nn.Module):
