@@ -2,9 +2,13 @@
 # What a session with a CUDA GPU runs once, from the repository root:
 #   1. the GPU tests (`pytest -m gpu`: tests/test_cuda.py, CUDA graphs included, and the
 #      GPU tests of other files);
-#   2. the speed benchmark's CUDA configuration (ResNet-110, 10 pareto exits), as JSON.
-# Results go to ${OUT:-gpu-results}/. The benchmark runs even when a test fails, so that one
-# GPU session gives both; the script then exits with the tests' status.
+#   2. the speed benchmark's CUDA configuration (ResNet-110, 10 pareto exits), eager, as JSON;
+#   3. the speed benchmark's `--preset issue` on CUDA: ResNet-110, resnet50 and
+#      deit_small_patch16_224, the original model as a CUDA graph against early_exit and
+#      predict, eager and with CUDA graphs; one JSON per model.
+# Results go to ${OUT:-gpu-results}/. Each step runs even when one before it fails, so that one
+# GPU session gives all it can; the script then exits with the tests' status, or else the
+# benchmarks'.
 #
 #   OUT=gpu-results bash benchmarks/gpu_check.sh
 set -euo pipefail
@@ -15,17 +19,19 @@ mkdir -p "$out"
 
 echo "== gpu_check: $("$python" -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())')"
 
-echo "== 1/2 GPU tests: pytest -m gpu -> $out/pytest-gpu.txt"
+echo "== 1/3 GPU tests: pytest -m gpu -> $out/pytest-gpu.txt"
 tests=0
 "$python" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$out/pytest-gpu.txt" || tests=$?
 
-echo "== 2/2 speed benchmark on cuda, eager early_exit: resnet110, batches 1-256 -> $out/speed-cuda-eager.json"
+echo "== 2/3 speed benchmark on cuda, eager early_exit: resnet110, batches 1-256 -> $out/speed-cuda-eager.json"
+bench=0
 "$python" benchmarks/speed.py --model resnet110 --n-exits 10 --devices cuda \
-    --batch-sizes 1 4 16 64 256 --json "$out/speed-cuda-eager.json"
+    --batch-sizes 1 4 16 64 256 --methods original early_exit \
+    --json "$out/speed-cuda-eager.json" || bench=$?
 
-# TODO(speed.py): benchmarks/speed.py has no option yet for CUDA graphs
-# (`earlyexit.capture_cuda_graphs`) or for `earlyexit.predict`; once it has, run them here, e.g.
-#   "$python" benchmarks/speed.py ... --cuda-graphs --json "$out/speed-cuda-graphs.json"
+echo "== 3/3 speed benchmark on cuda, --preset issue (graphs and predict) -> $out/speed-<model>.json"
+"$python" benchmarks/speed.py --preset issue --devices cuda --json-dir "$out" || bench=$?
 
-echo "== done: tests exit status $tests; results in $out/"
-exit "$tests"
+echo "== done: tests exit status $tests, benchmarks $bench; results in $out/"
+if [ "$tests" -ne 0 ]; then exit "$tests"; fi
+exit "$bench"

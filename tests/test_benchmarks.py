@@ -9,6 +9,9 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
+
+from earlyexit.cuda_graphs import _eager
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -64,3 +67,122 @@ def test_speed_replot_draws_saved_results(script, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):  # --replot without --plot: nothing to write to
         speed.main(["--replot", str(saved)])
+
+
+def test_speed_time_ideal_on_a_hand_made_example(script):
+    speed = script("speed")
+    # 4 samples: 2 leave at exit 0, 1 at exit 1, 1 at the final exit 2.
+    histogram, stages, heads = [2, 1, 1], [1.0, 2.0, 4.0], [0.5, 0.5]
+    assert speed.reach_shares(histogram) == [1.0, 0.5, 0.25]
+    # 1 * (1 + 0.5) + 0.5 * (2 + 0.5) + 0.25 * 4
+    assert speed.ideal_time_per_sample(histogram, stages, heads) == pytest.approx(3.75)
+    assert speed.time_ideal(7.5, histogram, stages, heads) == pytest.approx(2.0)
+    # Nobody leaves early: every stage and head at full batch, for every sample.
+    assert speed.ideal_time_per_sample([0, 0, 3], stages, heads) == pytest.approx(8.0)
+    assert speed.ideal_time_per_sample([5, 0, 0], stages, heads) == pytest.approx(1.5)
+    assert speed.mac_ideal(0.5) == 2.0
+    with pytest.raises(ValueError, match="2 head times"):
+        speed.ideal_time_per_sample(histogram, stages, heads[:1])
+
+
+TINY = ["--model", "resnet20", "--n-exits", "3", "--threads", "1", "--rounds", "1"]
+
+
+def test_speed_new_methods_fill_rows_and_skip_graphs_on_cpu(script, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    speed = script("speed")
+    saved, png = tmp_path / "speed.json", tmp_path / "speed.png"
+    argv = [*TINY, "--devices", "cpu", "--batch-sizes", "4", "--samples", "8"]
+    assert speed.main([*argv, "--json", str(saved), "--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert "early_exit_graphs and predict_graphs skipped: CUDA graphs need a CUDA device" in printed
+    assert max(map(len, printed.splitlines())) <= 100, printed
+    (row,) = json.loads(saved.read_text())["rows"]
+    assert row["efficiency"] > 0 and row["overhead"] > 0 and row["speedup_vs_reference"] > 0
+    assert row["baseline"] == "original" and row["stage_timing"] == "eager"
+    assert list(row["methods"]) == ["original", "early_exit", "predict"]
+    assert len(row["stage_ms_per_sample"]) == 4 and len(row["head_ms_per_sample"]) == 3
+    assert len(row["notes"]) == 1 and row["notes"][0].startswith("early_exit_graphs and")
+    original, early, stream = (row["methods"][m] for m in ("original", "early_exit", "predict"))
+    assert original["speedup"] == 1.0 and original["mac_ideal"] is None
+    assert early["ms_per_sample"] == row["ms_per_sample_early_exit"]
+    assert early["ms_per_sample_no_exit"] == row["ms_per_sample_no_exit"]
+    assert early["exit_histogram"] == stream["exit_histogram"] == row["exit_histogram"]
+    assert sum(row["exit_histogram"]) == 8
+    for m in (early, stream):
+        assert m["mac_ideal"] == pytest.approx(1 / row["mean_cost"])
+        assert m["time_ideal"] > 0 and m["overhead"] > 0 and m["speedup"] > 0
+    assert row["time_ideal"] == early["time_ideal"] and row["mac_ideal"] == early["mac_ideal"]
+    assert png.exists() and (tmp_path / "speed-speedup.png").read_bytes()[:4] == b"\x89PNG"
+    (loaded,) = speed.load_rows(saved)
+    assert isinstance(loaded.methods["predict"], speed.MethodResult)
+
+
+def test_speed_graph_methods_bookkeeping_with_eager_stand_ins(script, monkeypatch):
+    """The CUDA-only paths, with the graphs replaced by the same steps run eagerly."""
+    speed = script("speed")
+    captured = []
+
+    def capture_runner(net, batch_sizes):
+        captured.append(batch_sizes)
+        return _eager(net, batch_sizes)
+
+    monkeypatch.setattr(speed, "graphs_unavailable", lambda device, args: None)
+    monkeypatch.setattr(speed, "capture_graph", lambda fn: fn)
+    monkeypatch.setattr(speed, "capture_runner", capture_runner)
+    args = speed.build_parser().parse_args([*TINY, "--samples", "8", "--no-reference"])
+    row = speed.measure(args, torch.device("cpu"), 4, speed.pattern_shares("uniform", 3), {})
+    assert row.baseline == "original_graphs" and row.stage_timing == "cuda_graphs"
+    assert list(row.methods) == list(speed.METHOD_ORDER)
+    assert row.methods["original_graphs"].speedup == 1.0
+    for name in ("early_exit_graphs", "predict_graphs"):
+        assert row.methods[name].exit_histogram == row.exit_histogram
+        assert row.methods[name].setup_s is not None and row.methods[name].overhead > 0
+    # early_exit_graphs captured once at batch 4 (and the powers of two below), predict's
+    # graphs once at its batch size, though predict ran in every round and without exits.
+    assert captured == [4, (4,)]
+    assert not row.notes
+
+
+def test_speed_old_results_load_with_defaults_and_replot(script, tmp_path):
+    pytest.importorskip("matplotlib")
+    speed = script("speed")
+    saved = sorted((BENCHMARKS / "results").glob("speed-*.json"))
+    assert saved
+    for path in saved:
+        for row in speed.load_rows(path):
+            assert row.methods == {} and row.baseline == "original" and row.time_ideal is None
+    png = tmp_path / "old.png"
+    assert speed.main(["--replot", *map(str, saved), "--plot", str(png)]) == 0
+    assert png.exists() and (tmp_path / "old-speedup.png").exists()
+
+
+def test_speed_preset_runs_each_model_with_its_settings(script, tmp_path, monkeypatch):
+    speed = script("speed")
+    args = speed.build_parser().parse_args(["--preset", "issue"])
+    resnet110, resnet50, deit = speed.PRESETS["issue"]
+    assert [(m.model, m.n_exits) for m in (resnet110, resnet50, deit)] == [
+        ("resnet110", 10),
+        ("resnet50", 4),
+        ("deit_small_patch16_224", 4),
+    ]
+    on_cpu = speed.preset_args(args, resnet50, torch.device("cpu"))
+    assert on_cpu.batch_sizes == [16] and on_cpu.samples == 16 * 16
+    assert on_cpu.input_size == [3, 224, 224] and on_cpu.num_classes == 1000
+    assert not on_cpu.amp and not on_cpu.channels_last and on_cpu.pattern == "uniform"
+    on_cuda = speed.preset_args(args, resnet110, torch.device("cuda"))
+    assert on_cuda.batch_sizes == [256] and on_cuda.samples == 32 * 256
+    assert on_cuda.amp and on_cuda.amp_dtype == "bfloat16" and not on_cuda.reference
+    assert on_cuda.channels_last and on_cuda.dist == "pareto"
+    assert not speed.preset_args(args, deit, torch.device("cuda")).channels_last
+    with pytest.raises(SystemExit):  # one JSON per model: --json-dir, not --json
+        speed.main(["--preset", "issue", "--json", str(tmp_path / "x.json")])
+
+    tiny = speed.PresetModel("resnet20", 2, 10, None, True, {"cpu": 4, "cuda": 8})
+    monkeypatch.setitem(speed.PRESETS, "issue", (tiny,))
+    argv = ["--preset", "issue", "--devices", "cpu", "--threads", "1", "--rounds", "1"]
+    assert speed.main([*argv, "--samples", "8", "--json-dir", str(tmp_path / "out")]) == 0
+    payload = json.loads((tmp_path / "out" / "speed-resnet20.json").read_text())
+    assert payload["preset"] == "issue"
+    (row,) = payload["rows"]
+    assert (row["model"], row["batch_size"], len(row["exit_histogram"])) == ("resnet20", 4, 3)
