@@ -210,8 +210,10 @@ def profile(model: nn.Module, input_size: Sequence[int] | None = None) -> FlopPr
     Example:
         >>> import timm, earlyexit
         >>> prof = earlyexit.profile(timm.create_model("resnet20"))
-        >>> round(prof.total_macs / 1e6, 1), prof.candidates[0].name
-        (41.2, 'layer1.0')
+        >>> round(prof.total_macs / 1e6, 1), prof.names()[2:5]
+        (40.9, ['layer1.0', 'layer1.1', 'layer1.2'])
+        >>> prof.candidates[4].aliases  # the layer that closes the block, the stage it ends
+        ('layer1.2.act2', 'layer1')
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be an nn.Module, got {type(model).__name__}.")

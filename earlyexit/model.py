@@ -206,7 +206,12 @@ class EarlyExitNet(nn.Module):
 
     @property
     def exit_names(self) -> list[str]:
-        """The qualified name of the graph node after which each early exit sits."""
+        """The cut point each early exit sits after: the innermost module whose output it is.
+
+        For example `layer1.2`, a block of resnet20; `earlyexit.profile(model).candidates`
+        lists each cut point's aliases (`layer1`), which are accepted wherever names are
+        passed in.
+        """
         return list(self.config.exit_names or [])
 
     @property
@@ -436,6 +441,7 @@ def convert(
     exit_type: str = "conv",
     input_size: Sequence[int] | None = None,
     threshold: float = 0.5,
+    exit_names: Sequence[str] | None = None,
     grad_scale: float | None = None,
 ) -> EarlyExitNet:
     """Turn a classifier into an early-exit network.
@@ -454,6 +460,8 @@ def convert(
             `earlyexit.heads`), or the paper's `plain`, `pool` or `bnpool`.
         input_size: `(C, H, W)`; taken from `model.pretrained_cfg["input_size"]` when None.
         threshold: T for early-exit inference (the paper uses 0.5).
+        exit_names: the N cut points to put the exits after, in execution order, instead of
+            the ones `dist` picks; each by its name or any alias (`layer1.2` or `layer1`).
         grad_scale: the factor on the gradient from each exit head into the backbone in
             training; `None` is 0.3 for `conv` heads and 1.0 (the paper's) for the others.
             See `EarlyExitConfig`.
@@ -472,13 +480,19 @@ def convert(
         >>> net = earlyexit.convert(timm.create_model("resnet20"), n_exits=3, dist="linear")
         >>> net.num_exits, net.exit_names
         (3, ['layer1.2', 'layer2.1', 'layer3.0'])
+        >>> net.backbone.get_submodule("layer1.2") is net.backbone.layer1[2]
+        True
+        >>> earlyexit.convert(net.backbone, 2, exit_names=["layer1", "layer2"]).exit_names
+        ['layer1.2', 'layer2.2']
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be an nn.Module, got {type(model).__name__}.")
     if isinstance(model, EarlyExitNet):
         raise TypeError("`model` is already an EarlyExitNet. Hint: convert its `backbone`.")
     _check_has_classifier(model)
-    config = _resolve_config(n_exits, dist, exit_type, input_size, threshold, None, grad_scale)
+    config = _resolve_config(
+        n_exits, dist, exit_type, input_size, threshold, exit_names, grad_scale
+    )
     config.input_size = resolve_input_size(model, config.input_size)
     analysis = analyse_model(model, config.input_size)
     prof = profile_analysis(analysis)

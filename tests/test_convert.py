@@ -8,6 +8,7 @@ import math
 import pytest
 import timm
 import torch
+import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -355,6 +356,67 @@ def test_config_round_trip_and_forced_exit_names():
     assert earlyexit.convert(model, forced).exit_names == ["layer2.0", "layer3.0"]
 
 
+def test_exit_names_accept_every_alias():
+    # `layer1` is the output of its last block, `layer1.2`, which its ReLU closes.
+    model = timm.create_model("resnet20")
+    for names in (["layer1", "layer2"], ["layer1.2.act2", "layer2.2"], ["layer1.2", "layer2"]):
+        config = earlyexit.EarlyExitConfig(n_exits=2, exit_names=names)
+        assert earlyexit.convert(model, config).exit_names == ["layer1.2", "layer2.2"]
+        net = earlyexit.convert(model, 2, exit_names=names)
+        assert net.exit_names == ["layer1.2", "layer2.2"] == net.config.exit_names
+    assert names == ["layer1.2", "layer2"]  # the caller's list is left alone
+    prof = earlyexit.profile(model)
+    assert prof.candidates[prof.names().index("layer1.2")].aliases == ("layer1.2.act2", "layer1")
+
+
+@pytest.mark.parametrize(
+    ("exit_names", "error", "match"),
+    [
+        (
+            ["layer1", "layer9"],
+            earlyexit.PlacementError,
+            r"no candidate exit point named \['layer9'\]",
+        ),
+        (["layer1", "layer1.2"], earlyexit.PlacementError, "twice"),
+        (["layer2", "layer1"], earlyexit.PlacementError, "execution order"),
+        (["layer1.0.conv1", "layer2"], earlyexit.PlacementError, "layer1.0.conv1"),
+        ("layer1", ValueError, "Expected `exit_names` to be 1 node names"),
+    ],
+)
+def test_bad_exit_names(exit_names, error, match):
+    n_exits = 1 if isinstance(exit_names, str) else 2
+    with pytest.raises(error, match=match):
+        earlyexit.convert(timm.create_model("resnet20"), n_exits, exit_names=exit_names)
+
+
+@pytest.mark.parametrize(
+    ("make", "size"),
+    [
+        (lambda: timm.create_model("resnet20"), None),
+        (lambda: timm.create_model("convnext_atto"), (3, 64, 64)),
+        (lambda: timm.create_model("vit_tiny_patch16_224", img_size=64), (3, 64, 64)),
+        (lambda: torchvision.models.mobilenet_v3_small(), (3, 64, 64)),
+    ],
+    ids=["resnet20", "convnext_atto", "vit_tiny", "mobilenet_v3_small"],
+)
+def test_exit_names_are_the_innermost_modules(make, size):
+    model = make()
+    modules = dict(model.named_modules())
+    prof = earlyexit.profile(model, size)
+    for c in prof.candidates:
+        outputs = [n for n in (c.name, *c.aliases) if n in modules]
+        if outputs:
+            # The name is a module, and the innermost one: its aliases are modules around it,
+            # or the layer that closes it.
+            assert model.get_submodule(c.name) is modules[c.name], c
+            assert all(
+                a.startswith(c.name + ".") or c.name.startswith(a + ".") for a in outputs[1:]
+            ), c
+    net = earlyexit.convert(model, n_exits=3, input_size=size, exit_type="pool")
+    for name in net.exit_names:
+        assert net.backbone.get_submodule(name) is modules[name]
+
+
 def test_threshold_setter_and_validation():
     net = earlyexit.convert(timm.create_model("resnet20"), n_exits=2)
     net.threshold = 0.7
@@ -444,7 +506,7 @@ def test_profile_lists_candidates_in_order():
     fractions = [c.fraction for c in prof.candidates]
     assert all(a < b for a, b in zip(fractions, fractions[1:]))
     assert prof.candidates[-1].fraction <= 1.0
-    assert "layer1.0" in prof.names() and "layer3" in prof.names()
+    assert "layer1.0" in prof.names() and "layer3.2" in prof.names()
     assert all(c.shape[0] in (16, 32, 64) and c.channel_axis == 1 for c in prof.candidates)
 
 

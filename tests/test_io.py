@@ -92,6 +92,36 @@ def test_round_trip_test_resnet(tmp_path):
     assert_same_inference(net, load(path), torch.randn(4, 3, 48, 48))
 
 
+def test_files_with_the_names_of_earlier_versions_load(net, saved, tmp_path, x):
+    # Earlier versions named a cut point by the outermost module whose output it is: the
+    # output of resnet20's `layer1.2` was `layer1`. Such a file loads, under today's names.
+    assert net.exit_names == ["layer1.1", "layer1.2", "layer2.1"]
+    old_names = ["layer1.1", "layer1", "layer2.1"]
+    meta = read_metadata(saved)
+    old = tmp_path / "old_names.safetensors"
+    _rewrite(
+        saved,
+        old,
+        meta_update={
+            "config": {**meta["config"], "exit_names": old_names},
+            "exit_names": old_names,
+        },
+    )
+    assert read_metadata(old)["config"]["exit_names"] == old_names
+    for loaded in (load(old), load(old, backbone=timm.create_model("resnet20"))):
+        assert loaded.exit_names == net.exit_names and loaded.config == net.config
+        assert_same_inference(net, loaded, x)
+
+
+def test_unknown_exit_name_is_refused(saved, tmp_path):
+    meta = read_metadata(saved)
+    names = ["layer1.1", "layer1.0.conv1", "layer2.1"]
+    bad = tmp_path / "unknown.safetensors"
+    _rewrite(saved, bad, meta_update={"config": {**meta["config"], "exit_names": names}})
+    with pytest.raises(CheckpointError, match=r"no cut point named \['layer1.0.conv1'\].*Hint"):
+        load(bad)
+
+
 def test_load_does_not_profile(saved, monkeypatch):
     import earlyexit.flops
 

@@ -128,46 +128,47 @@ def test_every_placed_exit_is_cheaper_than_the_model(fractions, head, targets):
 
 
 def test_vit_exits_after_the_last_block_are_not_placed():
-    # Before: `blocks` and `norm` took exits 8 and 9, at costs 1.016 and 1.019.
+    # Before: `blocks.11` (the last block) and `norm` took exits 8 and 9, at costs 1.016 and 1.019.
     model = timm.create_model("vit_tiny_patch16_224", img_size=64)
     net, notes = convert_quietly(model, n_exits=10, exit_type="pool", input_size=(3, 64, 64))
     assert_every_exit_is_cheaper_than_the_model(net)
-    assert "blocks" not in net.exit_names and "norm" not in net.exit_names
+    assert "blocks.11" not in net.exit_names and "norm" not in net.exit_names
     assert net.exit_names == [f"blocks.{i}" for i in range(1, 11)]
     assert any("squeezed" in n and "Hint:" in n for n in notes), notes
 
 
 def test_resnet50_last_block_gets_no_exit():
-    # Before: `layer4` (the last block, pooled next) took exit 9 at cost 1.030.
+    # Before: `layer4.2` (the last block, pooled next) took exit 9 at cost 1.030.
     model = timm.create_model("resnet50")
     net, notes = convert_quietly(model, n_exits=10, exit_type="pool", input_size=(3, 64, 64))
     assert_every_exit_is_cheaper_than_the_model(net)
-    assert "layer4" not in net.exit_names and "global_pool.pool" not in net.exit_names
+    assert "layer4.2" not in net.exit_names and "global_pool.pool" not in net.exit_names
     assert any("squeezed" in n for n in notes), notes
 
 
 def test_mobilenet_v3_small_exits_stay_cheaper_than_the_model():
-    # Before: `features` and `avgpool` took exits 8 and 9, at costs 1.003 and 1.013.
+    # Before: `features.12` and `avgpool` took exits 8 and 9, at costs 1.003 and 1.013.
     model = torchvision.models.mobilenet_v3_small(weights=None)
     net, _ = convert_quietly(model, n_exits=10, exit_type="pool", input_size=(3, 224, 224))
     assert_every_exit_is_cheaper_than_the_model(net)
-    assert "features" not in net.exit_names and "avgpool" not in net.exit_names
+    assert "features.12" not in net.exit_names and "avgpool" not in net.exit_names
 
 
 def test_convnext_exits_on_the_same_block_warn():
-    # `stages.2` and the LayerNorm that starts `stages.3.downsample`: 0.8% of the model apart.
+    # `stages.2`'s last block and the LayerNorm that starts `stages.3.downsample`: 0.8% of the
+    # model apart.
     model = timm.create_model("convnext_atto")
     net, notes = convert_quietly(model, n_exits=10, exit_type="pool", input_size=(3, 64, 64))
     assert_every_exit_is_cheaper_than_the_model(net)
     crowded = [n for n in notes if "half a block apart" in n]
-    assert len(crowded) == 1 and "(stages.2) and 7 (stages.3.downsample.0)" in crowded[0]
+    assert len(crowded) == 1 and "(stages.2.blocks.5) and 7 (stages.3.downsample.0)" in crowded[0]
 
 
 def test_resnet20_keeps_its_placement_and_is_quiet():
     model = timm.create_model("resnet20")
     for dist, names in {
-        "pareto": ["layer1.1", "layer1", "layer2.1"],
-        "linear": ["layer1", "layer2.1", "layer3.0"],
+        "pareto": ["layer1.1", "layer1.2", "layer2.1"],
+        "linear": ["layer1.2", "layer2.1", "layer3.0"],
     }.items():
         net, notes = convert_quietly(model, n_exits=3, dist=dist, exit_type="pool")
         assert net.exit_names == names and notes == []

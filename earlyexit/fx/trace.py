@@ -4,10 +4,14 @@ The tracer knows timm's untraceable modules and functions (`timm.layers._fx`), s
 forward arguments after the image to their defaults, and keeps only the logits of a model that
 returns a tuple (see `earlyexit.fx._cleanup`).
 
-Nodes are named by dotted qualified paths (`layer1.0`, `stages.2.blocks.0.add`), never by raw
-FX names: the outermost module whose output a node is gives it its name, otherwise the
-innermost module it was computed in plus the operation (`layer1.0.add`, `layer1.0.add_1`).
-The other modules whose output the node is are its aliases.
+Nodes are named by dotted qualified paths (`layer1.2`, `stages.2.blocks.0.add`), never by raw
+FX names. A node that is a module's output is named by the innermost module whose output it
+is, as torchvision's feature extractor names nodes: the output of resnet20's third block in
+`layer1` is `layer1.2`. A layer that closes a block gives its name to the block (the block's
+last ReLU `layer1.2.act2` is `layer1.2`). The other modules whose output the node is (`layer1`,
+`layer1.2.act2`) are its aliases, and so is the name earlier versions of the library gave it
+(the outermost module's), so that saved files keep loading. Any other node is named after the
+innermost module it was computed in plus its operation (`layer1.0.add`, `layer1.0.add_1`).
 """
 
 from __future__ import annotations
@@ -188,7 +192,7 @@ def _unique_names(
 
 
 def _node_names(graph: fx.Graph, tracer: _PathTracer) -> dict[fx.Node, NodeName]:
-    names = _unique_names(graph, tracer, _outermost)
+    names = _unique_names(graph, tracer, _innermost)
     legacy = _unique_names(graph, tracer, _outermost)
     return {
         node: NodeName(
