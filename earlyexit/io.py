@@ -26,7 +26,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,11 +33,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from earlyexit._architecture import (
+    ARCHITECTURE_KWARGS,
+    architecture_text,
+    create_backbone,
+    describe_backbone,
+)
+from earlyexit.config import EarlyExitConfig
 from earlyexit.errors import CheckpointError, EarlyExitError
 from earlyexit.fx.analysis import CutPoint, ModelAnalysis, analyse_model
 from earlyexit.fx.split import split_model
 from earlyexit.heads import ExitHead
-from earlyexit.model import EarlyExitConfig, EarlyExitNet
+from earlyexit.model import EarlyExitNet
 
 __all__ = ["ARCHITECTURE_KWARGS", "FORMAT_VERSION", "METADATA_KEY", "load", "read_metadata", "save"]
 
@@ -47,47 +53,6 @@ FORMAT_VERSION = 1
 
 METADATA_KEY = "earlyexit"
 """The safetensors metadata key holding the JSON document."""
-
-ARCHITECTURE_KWARGS = frozenset(
-    {
-        # What `save` writes.
-        "num_classes",
-        "in_chans",
-        "drop_rate",
-        # The paper's backbones.
-        "depth",
-        "width",
-        "widths",
-        "shortcut",
-        "zero_init_last",
-        # Plain shape and regularisation settings of timm's families.
-        "global_pool",
-        "drop_path_rate",
-        "drop_block_rate",
-        "output_stride",
-        "img_size",
-        "patch_size",
-        "embed_dim",
-        "depths",
-        "dims",
-        "layers",
-        "num_heads",
-        "mlp_ratio",
-        "window_size",
-        "growth_rate",
-        "block_config",
-        "channels",
-        "class_token",
-        "qkv_bias",
-    }
-)
-"""The timm constructor arguments `load` passes on when it rebuilds a backbone from a file.
-
-An explicit list of architecture settings: none of them names a file, a URL or weights, so
-a crafted file cannot make `load` read anything but itself.
-"""
-
-_FILE_WORDS = re.compile(r"checkpoint|pretrained|file|path|url|overlay|hub|cache|dir")
 
 
 def save(net: EarlyExitNet, path: str | os.PathLike[str]) -> None:
@@ -268,7 +233,7 @@ def load(
         )
     rebuilt = backbone is None
     if rebuilt:
-        backbone = _create_backbone(meta, path)
+        backbone = create_backbone(meta, path)
     try:
         analysis = analyse_model(backbone, tuple(config.input_size))
         cuts = _saved_cut_points(analysis, config, meta.get("heads"))
@@ -279,7 +244,7 @@ def load(
     except EarlyExitError as err:
         raise CheckpointError(
             f"{path!r} does not fit {type(backbone).__name__}: {err} Hint: pass the backbone "
-            f"the file was saved from ({_architecture_text(meta)})."
+            f"the file was saved from ({architecture_text(meta)})."
         ) from err
     heads = [ExitHead(config.exit_type, c.shape, c.channel_axis, staged.num_classes) for c in cuts]
     net = EarlyExitNet(backbone, staged, heads, config, stage_macs=stage_macs, head_macs=head_macs)
@@ -368,28 +333,6 @@ def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _backbone_spec(model: nn.Module, config: EarlyExitConfig, num_classes: int) -> dict[str, Any]:
-    """The timm architecture and the constructor arguments that the model itself reveals."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    arch = cfg.get("architecture") if isinstance(cfg, Mapping) else None
-    kwargs: dict[str, Any] = {"num_classes": int(getattr(model, "num_classes", num_classes))}
-    in_chans = config.input_size[0] if config.input_size else None
-    first = cfg.get("first_conv") if isinstance(cfg, Mapping) else None
-    if isinstance(first, str):
-        with contextlib.suppress(AttributeError):
-            in_chans = int(model.get_submodule(first).in_channels)
-    if in_chans is not None:
-        kwargs["in_chans"] = int(in_chans)
-    drop_rate = getattr(model, "drop_rate", None)
-    if isinstance(drop_rate, float) and drop_rate > 0:
-        kwargs["drop_rate"] = drop_rate
-    return {
-        "architecture": arch,
-        "kwargs": kwargs,
-        "class": f"{type(model).__module__}.{type(model).__qualname__}",
-    }
-
-
 def _describe(net: EarlyExitNet, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     from earlyexit import __version__
 
@@ -398,7 +341,7 @@ def _describe(net: EarlyExitNet, tensors: Mapping[str, torch.Tensor]) -> dict[st
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "config": net.config.to_dict(),
-        "backbone": _backbone_spec(net.backbone, net.config, net.num_classes),
+        "backbone": describe_backbone(net.backbone, net.config.input_size, net.num_classes),
         "num_classes": net.num_classes,
         "input_size": list(net.input_size),
         "exit_names": net.exit_names,
@@ -411,81 +354,6 @@ def _describe(net: EarlyExitNet, tensors: Mapping[str, torch.Tensor]) -> dict[st
         "dtype": str(floats[0]).removeprefix("torch.") if floats else None,
         "sha256": _digest(tensors),
     }
-
-
-def _architecture_text(meta: Mapping[str, Any]) -> str:
-    spec = meta.get("backbone") or {}
-    arch = spec.get("architecture")
-    if arch:
-        return f"timm.create_model({arch!r}, **{spec.get('kwargs')})"
-    return f"a {spec.get('class', 'model')}"
-
-
-def _create_backbone(meta: Mapping[str, Any], path: str) -> nn.Module:
-    import timm
-
-    spec = meta.get("backbone") or {}
-    arch = spec.get("architecture")
-    if not arch:
-        raise CheckpointError(
-            f"{path!r} was saved from a {spec.get('class', 'model')} that is not a timm model, "
-            "so it cannot be rebuilt from the file. Hint: create the model yourself and pass "
-            "it: `earlyexit.load(path, backbone=model)`."
-        )
-    kwargs = _architecture_kwargs(arch, spec.get("kwargs"), path)
-    try:
-        return timm.create_model(arch, pretrained=False, **kwargs)
-    except Exception as err:
-        raise CheckpointError(
-            f"timm cannot create {arch!r} with {kwargs} ({type(err).__name__}: {err}). Hint: "
-            "import the module that registers it, or create the model yourself and pass it: "
-            "`earlyexit.load(path, backbone=model)`."
-        ) from err
-
-
-def _architecture_kwargs(arch: object, kwargs: object, path: str) -> dict[str, Any]:
-    """The file's backbone arguments, refused unless each is a plain architecture setting."""
-    if not isinstance(arch, str) or ":" in arch or "/" in arch or "\\" in arch:
-        raise CheckpointError(
-            f"{path!r} names the backbone architecture {arch!r}, which is not a timm model "
-            "name: earlyexit rebuilds only registered timm models, never from the Hub or a "
-            "folder. Hint: create the model yourself and pass it: "
-            "`earlyexit.load(path, backbone=model)`."
-        )
-    if kwargs is None:
-        return {}
-    if not isinstance(kwargs, Mapping):
-        raise CheckpointError(
-            f"The backbone arguments in {path!r} are a {type(kwargs).__name__}, not a mapping. "
-            "Hint: the file was edited or corrupted; save the model again."
-        )
-    for key, value in kwargs.items():
-        if key not in ARCHITECTURE_KWARGS:
-            why = (
-                "it would make timm read another file or fetch weights"
-                if _FILE_WORDS.search(str(key))
-                else "it is not an architecture setting earlyexit rebuilds a backbone with"
-            )
-            raise CheckpointError(
-                f"{path!r} asks to create {arch!r} with {key!r}={value!r}, which load refuses: "
-                f"{why}. Hint: a file written by `earlyexit.save` never holds it; create the "
-                "model yourself and pass it: `earlyexit.load(path, backbone=model)`."
-            )
-        if not _is_plain(value):
-            raise CheckpointError(
-                f"{path!r} asks to create {arch!r} with {key!r}={value!r}, which load refuses: "
-                "an architecture setting is a JSON number, string, bool, null or list of them. "
-                "Hint: the file was edited or corrupted; save the model again, or create the "
-                "model yourself and pass it: `earlyexit.load(path, backbone=model)`."
-            )
-    return dict(kwargs)
-
-
-def _is_plain(value: object) -> bool:
-    """A JSON scalar, or a (nested) list of them."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return True
-    return isinstance(value, list) and all(_is_plain(v) for v in value)
 
 
 def _check_tensors(
@@ -510,5 +378,5 @@ def _check_tensors(
     raise CheckpointError(
         f"The tensors of {path!r} do not fit the {type(net.backbone).__name__} net built for "
         f"them ({'; '.join(parts)}). "
-        f"Hint: the file was saved from {_architecture_text(meta)}; pass that backbone."
+        f"Hint: the file was saved from {architecture_text(meta)}; pass that backbone."
     )
