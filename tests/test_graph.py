@@ -188,6 +188,17 @@ def test_stages_share_the_weights_and_move_with_the_net():
     assert "StagedGraph(3 stages" in repr(net)
 
 
+def test_tracing_leaves_the_model_as_it_was():
+    # torch.fx stows tensors made during tracing (`torch.tensor(2.0)`) on the traced root.
+    model = AttachedTensors()
+    before = dict(vars(model))
+    net = earlyexit.convert(model, 2, exit_names=["mul", "add"], input_size=(3, 16, 16))
+    assert vars(model).keys() == before.keys()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval().forward_all(x).logits[-1], model.eval()(x))
+
+
 class DataDependent(nn.Module):
     def __init__(self) -> None:
         super().__init__()

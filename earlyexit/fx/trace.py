@@ -134,20 +134,27 @@ def trace_graph(model: nn.Module, training: bool) -> TracedGraph:
     """
     name = type(model).__name__
     tracer = _PathTracer()
-    with set_mode(model, training):
-        try:
-            graph = tracer.trace(model, concrete_args=extra_arguments(model) or None)
-        except TraceError:
-            raise
-        except Exception as err:
-            raise TraceError(
-                f"torch.fx could not trace {name} ({type(err).__name__}: {err}). Hint: the "
-                "model has data-dependent control flow; register the offending function or "
-                "module as a leaf with `timm.layers.register_notrace_function` / "
-                "`register_notrace_module`, or simplify its forward."
-            ) from err
-    drop_specialised_placeholders(graph, name)
-    gm = fx.GraphModule(tracer.root, graph, class_name=f"Traced{name}")
+    attributes = set(vars(model))
+    try:
+        with set_mode(model, training):
+            try:
+                graph = tracer.trace(model, concrete_args=extra_arguments(model) or None)
+            except TraceError:
+                raise
+            except Exception as err:
+                raise TraceError(
+                    f"torch.fx could not trace {name} ({type(err).__name__}: {err}). Hint: the "
+                    "model has data-dependent control flow; register the offending function or "
+                    "module as a leaf with `timm.layers.register_notrace_function` / "
+                    "`register_notrace_module`, or simplify its forward."
+                ) from err
+        drop_specialised_placeholders(graph, name)
+        gm = fx.GraphModule(tracer.root, graph, class_name=f"Traced{name}")
+    finally:
+        # torch.fx stows the tensors made while tracing (`_tensor_constant0`) on the model;
+        # the graph module holds its own references to them.
+        for attribute in set(vars(model)) - attributes:
+            delattr(model, attribute)
     keep_first_output(gm)
     gm.training = training
     return TracedGraph(gm, _node_names(gm.graph, tracer))
