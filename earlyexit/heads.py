@@ -8,7 +8,7 @@ Each head takes one feature tensor and returns `(class_logits, confidence_logit)
 - `pool`: global average pool over every axis but batch and channels, then the two branches.
 - `bnpool`: BatchNorm (LayerNorm over the channels for channels-last features and tokens),
   ReLU, global average pool, then the two branches.
-- `conv`: average pool to a grid of at most 4×4, one 3×3 convolution to `conv_width(C)`
+- `conv`: average pool to a grid of at most 4×4 (`pool_window`), one 3×3 convolution to `conv_width(C)`
   channels, BatchNorm and ReLU (for channels-last features and tokens: LayerNorm, a linear
   layer to that width and GELU), global average pool, then the two branches, in the manner of
   MSDNet's and SDN's exits. The confidence branch also sees how sure the exit's own
@@ -42,6 +42,16 @@ def conv_width(channels: int) -> int:
     (256 channels in ResNet-50's `layer1` give 64).
     """
     return min(channels, max(CONV_MIN_WIDTH, channels // 4))
+
+
+def pool_window(size: int) -> int:
+    """The window of a `conv` head's average pool along an axis of `size` positions.
+
+    The smallest window that divides `size` and leaves at most 4 positions: 32 → 8 (a 4×4
+    grid), 28 → 7, 14 → 7 (2×2), 7 → 7 (1×1). Windows that tile the map exactly average the
+    same way in PyTorch and in exported ONNX graphs, where partial windows do not.
+    """
+    return next(k for k in range(1, size + 1) if size % k == 0 and size // k <= 4)
 
 
 def certainty(class_logits: torch.Tensor) -> torch.Tensor:
@@ -97,10 +107,9 @@ class ExitHead(nn.Module):
             in_features = conv_width(channels)
             extra = 2  # the classifier's certainty
             if self.channel_axis == 1 and ndim == 4:
-                # Windows of ceil(H / 4) × ceil(W / 4): a grid of at most 4×4, static shapes.
-                kernel = tuple(-(-n // 4) for n in self.shape[1:])
+                kernel = tuple(pool_window(n) for n in self.shape[1:])
                 self.conv = nn.Sequential(
-                    nn.AvgPool2d(kernel, kernel, ceil_mode=True),
+                    nn.AvgPool2d(kernel, kernel),
                     nn.Conv2d(channels, in_features, 3, padding=1, bias=False),
                     nn.BatchNorm2d(in_features),
                     nn.ReLU(inplace=True),

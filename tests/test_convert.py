@@ -224,9 +224,14 @@ def test_grad_scale_scales_what_the_heads_send_into_the_backbone(scale):
 
 
 def test_conv_head_width():
-    from earlyexit.heads import conv_width
+    from earlyexit.heads import conv_width, pool_window
 
     assert [conv_width(c) for c in (4, 16, 32, 64, 256, 2048)] == [4, 16, 32, 32, 64, 512]
+    # Pool windows tile the map exactly (PyTorch and ONNX average the same way), grid ≤ 4.
+    for size in range(1, 120):
+        window = pool_window(size)
+        assert size % window == 0 and size // window <= 4
+        assert all(size % k or size // k > 4 for k in range(1, window))
 
 
 def test_backward_reaches_every_parameter():
