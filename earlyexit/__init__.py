@@ -24,6 +24,7 @@ from earlyexit.errors import (
     PlacementError,
     TraceError,
 )
+from earlyexit.evaluation import Evaluation, evaluate, select_exits
 from earlyexit.export import ExportedEarlyExit, export_onnx, export_stages
 from earlyexit.flops import Candidate, FlopProfile, profile
 from earlyexit.heads import ExitHead
@@ -33,14 +34,7 @@ from earlyexit.model import EarlyExitConfig, EarlyExitNet, convert
 from earlyexit.outputs import EarlyExitResult, ExitOutputs
 from earlyexit.placement import DISTRIBUTIONS, distribution_targets
 from earlyexit.stream import Prediction, predict
-from earlyexit.training import (
-    Evaluation,
-    evaluate,
-    freeze_backbone,
-    param_groups,
-    select_exits,
-    train_one_epoch,
-)
+from earlyexit.training import freeze_backbone, param_groups, train_one_epoch
 
 __all__ = [
     "DISTRIBUTIONS",

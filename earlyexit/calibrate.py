@@ -1,10 +1,10 @@
 """The threshold ↔ cost/accuracy trade-off, and picking a threshold that meets a budget.
 
 Both run the evaluator that `earlyexit.evaluate` runs: one pass over the data
-(`earlyexit.training.collect_exit_cache`) keeps, per sample, each early exit's confidence
+(`earlyexit.evaluation.collect_exit_cache`) keeps, per sample, each early exit's confidence
 h_i = sigmoid(a_i) (in float32, as inference computes it) and whether each exit's classifier is
 right. Every threshold is then scored from that cache with inference's own rule, a sample leaves
-at the first exit with h_i ≥ T (`earlyexit.training.sweep_thresholds`): a whole curve, even
+at the first exit with h_i ≥ T (`earlyexit.evaluation.sweep_thresholds`): a whole curve, even
 over every observed confidence value, is one sort and a few prefix sums.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from earlyexit.evaluation import NEVER, ExitCache, collect_exit_cache, sweep_thresholds
 from earlyexit.inference import check_threshold
 from earlyexit.model import EarlyExitNet
-from earlyexit.training import NEVER, ExitCache, collect_exit_cache, sweep_thresholds
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
@@ -61,7 +61,7 @@ class TradeoffCurve:
 
     @classmethod
     def from_cache(cls, cache: ExitCache, thresholds: Sequence[float]) -> TradeoffCurve:
-        """The curve of a pass already made (`earlyexit.training.collect_exit_cache`).
+        """The curve of a pass already made (`earlyexit.evaluation.collect_exit_cache`).
 
         Args:
             cache: every exit's confidence and correctness per sample, and the costs.

@@ -27,10 +27,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from earlyexit.calibrate import TradeoffCurve
+from earlyexit.evaluation import Evaluation, ExitCache, collect_exit_cache
 from earlyexit.inference import check_threshold
 from earlyexit.loss import DEFAULT_VERSION, EENetLoss
 from earlyexit.model import EarlyExitNet, convert
-from earlyexit.training import Evaluation, ExitCache, collect_exit_cache, train_one_epoch
+from earlyexit.training import train_one_epoch
 
 __all__ = [
     "DemoRow",
@@ -221,7 +222,7 @@ def tradeoff(
 ) -> list[tuple[float, float, float]]:
     """Accuracy and mean cost at each threshold, from one `forward_all` pass.
 
-    The library's evaluator (`earlyexit.training.collect_exit_cache`), as a list of points.
+    The library's evaluator (`earlyexit.evaluation.collect_exit_cache`), as a list of points.
 
     Returns:
         `(threshold, accuracy, cost)` for each threshold.

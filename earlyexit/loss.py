@@ -23,14 +23,21 @@ t), averaged over the batch; mean(C_i) is C_i averaged over the batch.
 from __future__ import annotations
 
 import math
-import numbers
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from earlyexit._loss_checks import (
+    check_label_smoothing,
+    check_non_negative,
+    check_outputs,
+    check_target,
+    check_version,
+    resolve_exit_ce_weight,
+    resolve_exits_options,
+)
 from earlyexit.outputs import ExitOutputs
 
 __all__ = [
@@ -66,178 +73,8 @@ DEFAULT_TEMPERATURE: float = 3.0
 #: before the confidence h reaches 0.5 (so before the default threshold lets it leave).
 DEFAULT_EXIT_PRECISION: float = 0.95
 
-
-def _check_version(version: object) -> None:
-    if version not in versions:
-        valid = ", ".join(repr(v) for v in versions)
-        raise ValueError(f"Expected `version` to be one of {valid}, got {version!r}.")
-
-
-def _check_real(name: str, value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"Expected `{name}` to be {what}, got {type(value).__name__} {value!r}.")
-    return float(value)
-
-
-def _check_non_negative(name: str, value: object) -> float:
-    value = _check_real(name, value, "a non-negative float")
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(
-            f"Expected `{name}` to be a non-negative float, got {value!r}. Hint: "
-            + ("λ = 1.0 is the paper's value." if name == "lam" else "0 turns the term off.")
-        )
-    return value
-
-
-def _check_label_smoothing(label_smoothing: object) -> float:
-    label_smoothing = _check_real("label_smoothing", label_smoothing, "a float in [0, 1)")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(
-            f"Expected `label_smoothing` to be a float in [0, 1), got {label_smoothing!r}."
-        )
-    return label_smoothing
-
-
-def _resolve_exit_ce_weight(version: str, exit_ce_weight: object) -> float:
-    if exit_ce_weight is None:
-        return DEFAULT_EXIT_CE_WEIGHTS.get(version, 0.0)
-    weight = _check_non_negative("exit_ce_weight", exit_ce_weight)
-    if version not in DEFAULT_EXIT_CE_WEIGHTS and weight != 0.0:
-        raise ValueError(
-            f"`exit_ce_weight` is only used by versions 'exits' and 'v2+ce', got "
-            f"version={version!r} with exit_ce_weight={weight!r}. Hint: the paper's versions "
-            "are exact; use version='v2+ce' to add the per-exit cross-entropy to L_v2."
-        )
-    return weight
-
-
-def _resolve_exits_options(
-    version: str, distill: object, temperature: object, exit_precision: object
-) -> tuple[float, float, float]:
-    """Check `"exits"`' options (α, τ, q); other versions take none of them."""
-    given = {"distill": distill, "temperature": temperature, "exit_precision": exit_precision}
-    if version != "exits":
-        used = [name for name, value in given.items() if value is not None]
-        if used:
-            raise ValueError(
-                f"`{used[0]}` is only used by version 'exits', got version={version!r}. "
-                "Hint: leave it out, or use version='exits'."
-            )
-        return 0.0, DEFAULT_TEMPERATURE, DEFAULT_EXIT_PRECISION
-    alpha = DEFAULT_DISTILL if distill is None else _check_real("distill", distill, "a float")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(
-            f"Expected `distill` (α) to be in [0, 1], got {alpha!r}. Hint: 0 trains the early "
-            "exits on the labels only, 1 on the final exit's predictions only."
-        )
-    tau = (
-        DEFAULT_TEMPERATURE
-        if temperature is None
-        else _check_real("temperature", temperature, "a positive float")
-    )
-    if not (math.isfinite(tau) and tau > 0.0):
-        raise ValueError(
-            f"Expected `temperature` (τ) to be a positive float, got {tau!r}. Hint: 1 keeps "
-            "the final exit's probabilities as they are; 3 (the default) softens them."
-        )
-    q = (
-        DEFAULT_EXIT_PRECISION
-        if exit_precision is None
-        else _check_real("exit_precision", exit_precision, "a float in (0, 1)")
-    )
-    if not 0.0 < q < 1.0:
-        raise ValueError(
-            f"Expected `exit_precision` (q) to be a float in (0, 1), got {q!r}. Hint: 0.95 "
-            "lets a sample leave when its exit expects to be right 95 % of the time."
-        )
-    return alpha, tau, q
-
-
-def _check_outputs(outputs: ExitOutputs) -> tuple[list[Tensor], list[Tensor], Tensor]:
-    try:
-        logits, confidence_logits, costs = (
-            outputs.logits,
-            outputs.confidence_logits,
-            outputs.costs,
-        )
-    except AttributeError as err:
-        raise TypeError(
-            f"Expected `outputs` to be an ExitOutputs, got {type(outputs).__name__}. "
-            "Hint: call the net in train mode (`net.train(); net(x)`) or use `net.forward_all(x)`."
-        ) from err
-    if not isinstance(logits, Sequence) or not all(isinstance(z, Tensor) for z in logits):
-        raise TypeError("Expected `outputs.logits` to be a list of tensors.")
-    if not isinstance(confidence_logits, Sequence) or not all(
-        isinstance(a, Tensor) for a in confidence_logits
-    ):
-        raise TypeError("Expected `outputs.confidence_logits` to be a list of tensors.")
-    if not isinstance(costs, Tensor):
-        raise TypeError(f"Expected `outputs.costs` to be a tensor, got {type(costs).__name__}.")
-    if len(logits) == 0:
-        raise ValueError("Expected `outputs.logits` to hold at least one tensor, got none.")
-    n = len(logits) - 1
-    if len(confidence_logits) != n:
-        raise ValueError(
-            f"Expected N = {n} confidence logits for {n + 1} class-logit tensors (N early exits "
-            f"and the final exit), got {len(confidence_logits)}. Hint: the final exit has no "
-            "confidence branch."
-        )
-    if costs.shape != (n + 1,):
-        raise ValueError(
-            f"Expected `outputs.costs` of shape ({n + 1},), one cost per exit, got "
-            f"{tuple(costs.shape)}."
-        )
-    shape = logits[0].shape
-    if len(shape) != 2:
-        raise ValueError(
-            f"Expected class logits of shape (B, num_classes), got {tuple(shape)} at exit 0."
-        )
-    if shape[0] == 0:
-        raise ValueError("Expected a non-empty batch, got batch size 0.")
-    for i, z in enumerate(logits):
-        if z.shape != shape:
-            raise ValueError(
-                f"Expected every exit's class logits to have the shape of exit 0's, "
-                f"{tuple(shape)}, got {tuple(z.shape)} at exit {i}."
-            )
-    for i, a in enumerate(confidence_logits):
-        if a.shape != shape[:1]:
-            raise ValueError(
-                f"Expected confidence logits of shape ({shape[0]},), got {tuple(a.shape)} at "
-                f"exit {i}. Hint: squeeze the confidence branch's last axis."
-            )
-    return list(logits), list(confidence_logits), costs
-
-
-def _check_target(target: object, batch: int, num_classes: int, validate: bool) -> None:
-    if not isinstance(target, Tensor):
-        raise TypeError(f"Expected `target` to be a tensor, got {type(target).__name__}.")
-    if target.is_floating_point():
-        if target.shape != (batch, num_classes):
-            raise ValueError(
-                f"Expected soft targets of shape ({batch}, {num_classes}) to match the logits, "
-                f"got {tuple(target.shape)}. Hint: class indices must be an integer tensor."
-            )
-        return
-    if target.dtype == torch.bool or target.is_complex():
-        raise TypeError(
-            "Expected `target` to be integer class indices or float soft targets, got dtype "
-            f"{target.dtype}."
-        )
-    if target.shape != (batch,):
-        raise ValueError(
-            f"Expected class indices of shape ({batch},) to match the logits, got "
-            f"{tuple(target.shape)}."
-        )
-    if validate:
-        # One host sync for both bounds.
-        low, high = torch.stack((target.min(), target.max())).tolist()
-        if low < 0 or high >= num_classes:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"Expected class indices in [0, {num_classes - 1}], got {bad}. Hint: the "
-                f"logits have {num_classes} classes; check `num_classes` of the model."
-            )
+# α, τ and q when not given, in the order `resolve_exits_options` takes them.
+_EXITS_DEFAULTS = (DEFAULT_DISTILL, DEFAULT_TEMPERATURE, DEFAULT_EXIT_PRECISION)
 
 
 def _cross_entropy(log_probs: Tensor, target: Tensor, label_smoothing: float) -> Tensor:
@@ -393,14 +230,16 @@ def eenet_loss(
         >>> loss.shape, outputs.confidence_logits[0].grad.shape
         (torch.Size([]), torch.Size([8]))
     """
-    _check_version(version)
-    lam = _check_non_negative("lam", lam)
-    exit_ce_weight = _resolve_exit_ce_weight(version, exit_ce_weight)
-    alpha, tau, q = _resolve_exits_options(version, distill, temperature, exit_precision)
-    label_smoothing = _check_label_smoothing(label_smoothing)
-    logits, confidence_logits, costs = _check_outputs(outputs)
+    check_version(version, versions)
+    lam = check_non_negative("lam", lam)
+    exit_ce_weight = resolve_exit_ce_weight(version, exit_ce_weight, DEFAULT_EXIT_CE_WEIGHTS)
+    alpha, tau, q = resolve_exits_options(
+        version, distill, temperature, exit_precision, _EXITS_DEFAULTS
+    )
+    label_smoothing = check_label_smoothing(label_smoothing)
+    logits, confidence_logits, costs = check_outputs(outputs)
     batch, num_classes = logits[0].shape
-    _check_target(target, batch, num_classes, validate)
+    check_target(target, batch, num_classes, validate)
     if alpha and len(logits) < 2:
         raise ValueError(
             "Expected early exits to distill into, got a net with none (only the final exit). "
@@ -447,27 +286,8 @@ def eenet_loss(
 class EENetLoss(nn.Module):
     """The EENet training criterion, `loss = criterion(outputs, target)`.
 
-    A thin wrapper of `eenet_loss` that checks and keeps its settings. Versions (notation
-    in the module docstring; CE is the batch mean, λ = `lam`):
-
-    - `"exits"` (default): every exit learns its own classifier and the early exits learn
-      when to trust it, CE(y, ŷ_N) + Σ_{i<N} [w · ((1 − α) CE(y, ŷ_i) + α τ² KL(ŷ_N^τ ‖ ŷ_i^τ))
-      + BCE(a_i + logit q, 1[ŷ_i right])], with ŷ_i = softmax(z_i), ŷ^τ the softmax at
-      temperature τ, the final exit's ŷ_N^τ a detached teacher, w = `exit_ce_weight`,
-      α = `distill`, τ = `temperature` and q = `exit_precision`. The confidence h_i =
-      sigmoid(a_i) is trained to say whether exit i is right (the label detached), shifted so
-      that h_i ≥ 0.5 when exit i expects to be right with probability ≥ q: the default
-      threshold then keeps the accuracy. λ is not used. The docs' training-recipe page has
-      the ablation behind it.
-    - `"v2+ce"`: L_v2 plus a per-exit cross-entropy, L_v2 + w · Σ_{i=0..N} CE(y, ŷ_i) (the
-      library's default before `"exits"`). Under a faithful L_v2, exit i's classifier gets
-      gradient only through h_i, so once an early h_i collapses towards 0 that classifier
-      stops learning; the extra term trains every exit's own classifier directly.
-    - `"v2"`: the paper's L_v2 (Eq. 9), Σ_{i=0..N} [CE(y, Ŷ_i) + λ · mean(C_i)].
-    - `"v1"`: the paper's L_v1 (Eq. 8), CE(y, Ŷ_0) + λ · mean(C_0).
-    - `"mc"`: the classification part of L_v2 alone, Σ_{i=0..N} CE(y, Ŷ_i) (λ is not used).
-    - `"cost"`: the cost part of L_v2 alone, Σ_{i=0..N} mean(C_i) (λ and the targets' values
-      are not used).
+    A thin wrapper of `eenet_loss` that checks and keeps its settings; `eenet_loss` lists the
+    versions and what each computes.
 
     Args:
         lam: λ, the weight of the cost terms.
@@ -519,14 +339,16 @@ class EENetLoss(nn.Module):
         validate: bool = True,
     ) -> None:
         super().__init__()
-        _check_version(version)
-        self.lam = _check_non_negative("lam", lam)
+        check_version(version, versions)
+        self.lam = check_non_negative("lam", lam)
         self.version = version
-        self.exit_ce_weight = _resolve_exit_ce_weight(version, exit_ce_weight)
-        self.distill, self.temperature, self.exit_precision = _resolve_exits_options(
-            version, distill, temperature, exit_precision
+        self.exit_ce_weight = resolve_exit_ce_weight(
+            version, exit_ce_weight, DEFAULT_EXIT_CE_WEIGHTS
         )
-        self.label_smoothing = _check_label_smoothing(label_smoothing)
+        self.distill, self.temperature, self.exit_precision = resolve_exits_options(
+            version, distill, temperature, exit_precision, _EXITS_DEFAULTS
+        )
+        self.label_smoothing = check_label_smoothing(label_smoothing)
         self.validate = bool(validate)
 
     def forward(self, outputs: ExitOutputs, target: Tensor) -> Tensor:
