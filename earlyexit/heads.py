@@ -8,8 +8,8 @@ Each head takes one feature tensor and returns `(class_logits, confidence_logit)
 - `pool`: global average pool over every axis but batch and channels, then the two branches.
 - `bnpool`: BatchNorm (LayerNorm over the channels for channels-last features and tokens),
   ReLU, global average pool, then the two branches.
-- `conv`: average pool to a grid of at most 4×4 (`pool_window`), one 3×3 convolution to `conv_width(C)`
-  channels, BatchNorm and ReLU (for channels-last features and tokens: LayerNorm, a linear
+- `conv`: average pool to a grid of at most 4×4 (`pool_window`), one 3×3 convolution to
+  `conv_width(C)` channels, BatchNorm and ReLU (for channels-last features and tokens: LayerNorm, a linear
   layer to that width and GELU), global average pool, then the two branches, in the manner of
   MSDNet's and SDN's exits. The confidence branch also sees how sure the exit's own
   classifier is: the log-probability of its top class and the margin between its two top
