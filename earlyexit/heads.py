@@ -9,14 +9,14 @@ Each head takes one feature tensor and returns `(class_logits, confidence_logit)
 - `bnpool`: BatchNorm (LayerNorm over the channels for channels-last features and tokens),
   ReLU, global average pool, then the two branches.
 - `conv`: average pool to a grid of at most 4×4 (`pool_window`), one 3×3 convolution to
-  `conv_width(C)` channels, BatchNorm and ReLU (for channels-last features and tokens: LayerNorm, a linear
-  layer to that width and GELU), global average pool, then the two branches, in the manner of
-  MSDNet's and SDN's exits. The confidence branch also sees how sure the exit's own
-  classifier is: the log-probability of its top class and the margin between its two top
-  logits (detached, so training the confidence never changes the classifier). A linear probe
-  on the backbone's features is too weak an exit early in the network; one more layer lets
-  the exit compute features of its own, and pooling first keeps that layer cheap (its MACs
-  are counted in the exit's cost).
+  `conv_width(C)` channels, BatchNorm and ReLU (for channels-last features and tokens:
+  LayerNorm, a linear layer to that width and GELU), global average pool, then the two branches,
+  in the manner of MSDNet's and SDN's exits. The confidence branch also sees how sure the exit's
+  own classifier is: the log-probability of its top class and the margin between its two top
+  logits (detached, so training the confidence never changes the classifier). A linear probe on
+  the backbone's features is too weak an exit early in the network; one more layer lets the exit
+  compute features of its own, and pooling first keeps that layer cheap (its MACs are counted in
+  the exit's cost).
 """
 
 from __future__ import annotations
