@@ -50,10 +50,11 @@ default each function's fastest round is used (`--stat min`), since other proces
 add time, or else the medians over rounds of the per-round ratios (`--stat median`). On a
 shared machine, `--clock process` times this process's CPU time instead of the wall clock, and
 `--threads 1` avoids OpenMP threads spinning at barriers while a sibling thread is descheduled
-(or set `OMP_WAIT_POLICY=PASSIVE`). By default glibc's allocator is tuned first (`--malloc
-tuned`, see `tune_malloc`): with its defaults every activation is page-faulted in afresh, which
-costs 15-25 % of a CPU forward pass and differs between the original module and the traced
-stages, drowning what is being measured.
+(or set `OMP_WAIT_POLICY=PASSIVE`). By default the allocator is left as a user has it
+(`--malloc system`); `--malloc tuned` (see `tune_malloc`) keeps freed memory in glibc's heap
+first, which measures the library's own overhead apart from page faults: with glibc's defaults
+activations are page-faulted in afresh, 15-25 % of a CPU forward pass, and more for the traced
+stages than for the original module.
 
 `--preset issue` runs ResNet-110 (32×32, 10 pareto exits), timm `resnet50` and
 `deit_small_patch16_224` (224×224, 4 pareto exits each), uniform pattern, at batch 16 on CPU
@@ -1121,8 +1122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--malloc",
         choices=["tuned", "system"],
-        default="tuned",
-        help="tuned: keep freed memory in the heap (see tune_malloc); system: glibc defaults",
+        default="system",
+        help="system (default): the allocator as a user has it; tuned: keep freed memory in "
+        "the heap (see tune_malloc), to measure the library's own overhead apart",
     )
     p.add_argument(
         "--stat",
