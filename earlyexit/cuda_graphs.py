@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from earlyexit.errors import EarlyExitError
-from earlyexit.inference import ExitSplit, _select, check_threshold, exit_mask
+from earlyexit.inference import ExitSplit, _select, check_threshold, exit_mask, record_exit
 from earlyexit.model import EarlyExitNet
 from earlyexit.outputs import EarlyExitResult
 
@@ -317,11 +317,7 @@ class GraphedEarlyExit:
             ids = torch.arange(start, start + n, device=device)
             for i in range(n_exits):
                 split = self._exit(i, n, ids)
-                if logits is None:
-                    logits = split.logits.new_empty((batch, split.logits.shape[1]))
-                if split.leave.numel():
-                    logits.index_copy_(0, split.leave, split.logits.to(logits.dtype))
-                    exit_index.index_fill_(0, split.leave, i)
+                logits = record_exit(logits, exit_index, split.leave, split.logits, i)
                 ids, n = split.stay, split.n_stay
                 if n == 0:
                     break

@@ -16,7 +16,14 @@ from torch import nn
 
 from earlyexit.outputs import EarlyExitResult
 
-__all__ = ["ExitSplit", "check_threshold", "exit_mask", "run_early_exit", "run_exit"]
+__all__ = [
+    "ExitSplit",
+    "check_threshold",
+    "exit_mask",
+    "record_exit",
+    "run_early_exit",
+    "run_exit",
+]
 
 
 def check_threshold(threshold: object) -> float:
@@ -103,6 +110,34 @@ def run_exit(
     )
 
 
+def record_exit(
+    logits: torch.Tensor | None,
+    exit_index: torch.Tensor,
+    leave: torch.Tensor,
+    leave_logits: torch.Tensor,
+    i: int,
+) -> torch.Tensor:
+    """Write the samples that leave at exit i into the batch's output.
+
+    Args:
+        logits: the output logits `(B, K)`, or None before the first exit (then made here,
+            in the dtype of `leave_logits`).
+        exit_index: `(B,)`, updated in place.
+        leave: the ids of the samples that leave.
+        leave_logits: their class logits.
+        i: the exit.
+
+    Returns:
+        The output logits.
+    """
+    if logits is None:
+        logits = leave_logits.new_empty((exit_index.shape[0], leave_logits.shape[1]))
+    if leave.numel():
+        logits.index_copy_(0, leave, leave_logits.to(logits.dtype))
+        exit_index.index_fill_(0, leave, i)
+    return logits
+
+
 def run_early_exit(
     stages: Sequence[nn.Module],
     heads: Sequence[nn.Module],
@@ -134,11 +169,7 @@ def run_early_exit(
         if remaining.numel() == 0:
             break
         split = run_exit(stages[i], heads[i], x, remaining, threshold)
-        if logits is None:
-            logits = split.logits.new_empty((batch, split.logits.shape[1]))
-        if split.leave.numel():
-            logits.index_copy_(0, split.leave, split.logits.to(logits.dtype))
-            exit_index.index_fill_(0, split.leave, i)
+        logits = record_exit(logits, exit_index, split.leave, split.logits, i)
         x, remaining = split.features, split.stay
     if logits is None:  # an empty batch
         logits = x.new_empty((0, num_classes))
