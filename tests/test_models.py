@@ -343,7 +343,9 @@ def test_last_feature_map_is_forward_features():
 
 @pytest.mark.parametrize("name", ALL_NAMES)
 def test_fx_trace_matches_the_model(name):
-    model = shared_model(name)
+    # Untrained and He-initialised, a deep CIFAR ResNet blows up in eval mode (its BatchNorm
+    # statistics are not trained yet); blocks that start as their shortcut keep it finite.
+    model = shared_model(name, zero_init_last=True)
     traced = torch.fx.symbolic_trace(model)
     x = sample(model, batch=1 if name == "resnet1202" else 2)
     with torch.no_grad():
