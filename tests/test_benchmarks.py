@@ -149,9 +149,13 @@ def test_speed_old_results_load_with_defaults_and_replot(script, tmp_path):
     speed = script("speed")
     saved = sorted((BENCHMARKS / "results").glob("speed-*.json"))
     assert saved
-    for path in saved:
+    old = [path for path in saved if '"methods"' not in path.read_text()]
+    assert old, "the results measured before the per-method comparison are gone"
+    for path in old:
         for row in speed.load_rows(path):
             assert row.methods == {} and row.baseline == "original" and row.time_ideal is None
+    for path in set(saved) - set(old):
+        assert all(row.methods for row in speed.load_rows(path))
     png = tmp_path / "old.png"
     assert speed.main(["--replot", *map(str, saved), "--plot", str(png)]) == 0
     assert png.exists() and (tmp_path / "old-speedup.png").exists()
