@@ -29,7 +29,7 @@ from torch import nn
 
 from earlyexit.errors import EarlyExitError
 from earlyexit.inference import ExitSplit, _select, check_threshold, exit_mask, record_exit
-from earlyexit.model import EarlyExitNet
+from earlyexit.model import EarlyExitNet, check_eval_net
 from earlyexit.outputs import EarlyExitResult
 
 __all__ = ["CudaGraphError", "GraphedEarlyExit", "bucket_sizes", "capture_cuda_graphs"]
@@ -84,13 +84,7 @@ def _bucket(sizes: tuple[int, ...], n: int) -> int:
 
 def _check_net(net: EarlyExitNet) -> None:
     """Refuse what padding or fixed graphs would get wrong."""
-    if not isinstance(net, EarlyExitNet):
-        raise TypeError(f"Expected `net` to be an EarlyExitNet, got {type(net).__name__}.")
-    if net.training:
-        raise ValueError(
-            "Expected `net` in eval mode, got it in train mode (the graphs run the eval-mode "
-            "stages). Hint: call `net.eval()` first."
-        )
+    check_eval_net(net, "the graphs run the eval-mode stages")
     for name, module in net.named_modules():
         if isinstance(module, _BATCH_NORMS) and module.running_mean is None:
             raise CudaGraphError(

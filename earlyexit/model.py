@@ -350,6 +350,22 @@ def _check_has_classifier(model: nn.Module) -> None:
     )
 
 
+def check_eval_net(net: object, why: str) -> None:
+    """Refuse anything but an `EarlyExitNet` in eval mode, saying `why` eval mode is needed.
+
+    Raises:
+        TypeError: `net` is not an `EarlyExitNet`.
+        ValueError: it is in train mode.
+    """
+    if not isinstance(net, EarlyExitNet):
+        raise TypeError(f"Expected `net` to be an EarlyExitNet, got {type(net).__name__}.")
+    if net.training:
+        raise ValueError(
+            f"Expected `net` in eval mode, got it in train mode ({why}). Hint: call "
+            "`net.eval()` first."
+        )
+
+
 def convert(
     model: nn.Module,
     n_exits: int | EarlyExitConfig,

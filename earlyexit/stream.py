@@ -21,7 +21,7 @@ from tqdm import tqdm
 from earlyexit.cuda_graphs import GraphedEarlyExit, capture_cuda_graphs
 from earlyexit.errors import EarlyExitError
 from earlyexit.inference import check_threshold, run_exit
-from earlyexit.model import EarlyExitNet
+from earlyexit.model import EarlyExitNet, check_eval_net
 from earlyexit.outputs import EarlyExitResult
 
 __all__ = ["Prediction", "predict"]
@@ -378,13 +378,7 @@ def predict(
         >>> 0.0 <= pred.accuracy <= 1.0 and pred.mean_cost > 0
         True
     """
-    if not isinstance(net, EarlyExitNet):
-        raise TypeError(f"Expected `net` to be an EarlyExitNet, got {type(net).__name__}.")
-    if net.training:
-        raise ValueError(
-            "Expected `net` in eval mode, got it in train mode (its stages would use dropout "
-            "and batch statistics). Hint: call `net.eval()` first."
-        )
+    check_eval_net(net, "its stages would use dropout and batch statistics")
     if isinstance(data, torch.Tensor):
         raise TypeError(
             "Expected `data` to be an iterable of batches, got a single tensor. Hint: pass "
