@@ -517,7 +517,7 @@ def full_batch_pieces(
     The inputs are the outputs of the stage before on `x`. Each function runs its piece
     `repeats` times (as many as the stream has batches), eagerly or as a CUDA graph.
     """
-    stages, heads = net.stages(), net._exit_heads()
+    stages, heads = net._inference_stages(), net._exit_heads()
     calls: dict[str, Callable[[], object]] = {}
     with torch.inference_mode(), context():
         h = x

@@ -115,7 +115,7 @@ class _Steps:
     """
 
     def __init__(self, net: EarlyExitNet, batch_sizes: tuple[int, ...]) -> None:
-        self.stages = net.stages(training=False)
+        self.stages = net.staged.inference_stages()
         self.heads = net._exit_heads()
         self.batch_sizes = batch_sizes
         param = next(net.parameters())

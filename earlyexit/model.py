@@ -148,6 +148,10 @@ class EarlyExitNet(nn.Module):
         """The N+1 stages for a mode (the current one by default); compiled after `compile()`."""
         return self.staged.stages(self.training if training is None else training)
 
+    def _inference_stages(self) -> list[nn.Module]:
+        """The stages early-exit inference runs: in eval mode, those that work in place."""
+        return self.stages() if self.training else self.staged.inference_stages()
+
     def compile(self, **kwargs: Any) -> EarlyExitNet:  # type: ignore[override]
         """Compile each stage and head with `torch.compile` (keyword arguments pass through).
 
@@ -193,7 +197,7 @@ class EarlyExitNet(nn.Module):
         """
         t = self.threshold if threshold is None else check_threshold(threshold)
         return run_early_exit(
-            self.stages(), self._exit_heads(), x, t, self.exit_costs, self.num_classes
+            self._inference_stages(), self._exit_heads(), x, t, self.exit_costs, self.num_classes
         )
 
     def forward(self, x: torch.Tensor) -> ExitOutputs | torch.Tensor:

@@ -269,7 +269,9 @@ def _predict_shard(
                 if pipeline is None:
                     size = batch_size or x.shape[0]
                     graphs = capture_cuda_graphs(net, (size,)) if cuda_graphs else None
-                    pipeline = _Pipeline(net.stages(), net._exit_heads(), threshold, size, graphs)
+                    pipeline = _Pipeline(
+                        net._inference_stages(), net._exit_heads(), threshold, size, graphs
+                    )
                 # DistributedSampler's order: sample j of the stream goes to rank j % world.
                 mine = slice((rank - total) % world, None, world)
                 total += x.shape[0]

@@ -193,7 +193,10 @@ def test_cuda_graphs_give_the_eager_results(channels_last):
     refs = [net.early_exit(b) for b in batches]
     assert (torch.bincount(refs[0].exit_index, minlength=net.num_exits + 1) > 0).sum() >= 3
     called = []
-    hooks = [s.register_forward_pre_hook(lambda m, a: called.append(m)) for s in net.stages()]
+    hooks = [
+        s.register_forward_pre_hook(lambda m, a: called.append(m))
+        for s in net.staged.inference_stages()
+    ]
     try:
         outs = [graphed(b) for b in batches]
     finally:
@@ -292,10 +295,11 @@ class _Syncing(nn.Module):
 
 
 @torch.no_grad()
-def test_cuda_graphs_name_the_stage_that_cannot_be_captured():
+def test_cuda_graphs_name_the_stage_that_cannot_be_captured(monkeypatch):
     net, x = _net("toy", n_exits=2)
-    stages = net.stages()
+    stages = net.staged.inference_stages()
     stages[1] = _Syncing(stages[1])
+    monkeypatch.setattr(net.staged, "inference_stages", lambda: stages)
     with pytest.raises(CudaGraphError, match=r"Stage 1 with exit head 1 \(at `.+`\).*Hint"):
         earlyexit.capture_cuda_graphs(net, 8)
     # The caller's stream is back, and the device still works.

@@ -201,7 +201,7 @@ def test_predict_with_padded_steps_keeps_order_and_one_batch_size(
     runs: list[list[int]] = [[] for _ in range(net.num_exits + 1)]
     hooks = [
         s.register_forward_pre_hook(lambda m, args, i=i: runs[i].append(args[0].shape[0]))
-        for i, s in enumerate(net.stages())
+        for i, s in enumerate(net.staged.inference_stages())
     ]
     order = torch.randperm(POOL, generator=torch.Generator().manual_seed(3))
     try:

@@ -147,7 +147,9 @@ def test_stages_run_full_batches_and_queues_stay_bounded(
 
         return hook
 
-    hooks = [s.register_forward_pre_hook(record(i)) for i, s in enumerate(net.stages())]
+    hooks = [
+        s.register_forward_pre_hook(record(i)) for i, s in enumerate(net.staged.inference_stages())
+    ]
     try:
         x = pool.repeat(3, 1, 1, 1)  # a longer stream: 120 samples
         earlyexit.predict(net, x.split(input_batch), batch_size=batch_size)

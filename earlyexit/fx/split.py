@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from earlyexit.errors import TraceError
+from earlyexit.fx._inplace import rewrite_inplace
 from earlyexit.fx._ops import has_effect, is_size_source
 from earlyexit.fx.analysis import CutPoint, GraphAnalysis, ModelAnalysis
 
@@ -59,6 +60,7 @@ class StagedGraph(nn.Module):
         # Plain attributes, not submodules: see the class docstring.
         self._stages = {mode: tuple(chain) for mode, chain in stages.items()}
         self._compiled: dict[bool, tuple[nn.Module, ...]] | None = None
+        self._inference: tuple[nn.Module, ...] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -69,6 +71,21 @@ class StagedGraph(nn.Module):
         """The stages of a mode (this module's own by default); compiled after `compile()`."""
         mode = self.training if training is None else bool(training)
         return list((self._compiled or self._stages)[mode])
+
+    def inference_stages(self) -> list[nn.Module]:
+        """The eval-mode stages for inference: they write into their own temporaries.
+
+        Where autograd is off, their ops overwrite temporaries that nothing reads again
+        (`relu` after a norm, the sum that ends a residual block), which saves the allocator
+        work and, on CPU, the page faults of fresh memory (see `earlyexit.fx._inplace`). The
+        results are those of `stages(False)` bit for bit; with autograd on they compute out
+        of place. Compiled stages are returned as they are after `compile()`.
+        """
+        if self._compiled is not None:
+            return list(self._compiled[False])
+        if self._inference is None:
+            self._inference = tuple(rewrite_inplace(s) for s in self._stages[False])
+        return list(self._inference)
 
     def compile(self, **kwargs: Any) -> StagedGraph:  # type: ignore[override]
         """Compile every stage of both modes with `torch.compile` (keyword arguments pass on).
@@ -89,6 +106,7 @@ class StagedGraph(nn.Module):
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
         super()._apply(fn, recurse)
+        self._inference = None  # their copies of the stages' tensors would be stale
         # The model's layers are the owner's to move; the stages' own tensors live on each
         # stage and on the empty modules that `fx.GraphModule` makes to hold their paths.
         for chain in self._stages.values():
