@@ -81,6 +81,8 @@ def _can_overwrite(t: object, other: object = None) -> bool:
     if other is None:  # a unary op
         return True
     if isinstance(other, torch.Tensor):
+        if other.shape == t.shape and other.dtype == t.dtype:  # the common case, checked fast
+            return True
         shape = torch.broadcast_shapes(t.shape, other.shape)
         return t.shape == shape and t.dtype == torch.result_type(t, other)
     return isinstance(other, (int, float)) and t.dtype == torch.result_type(t, other)
