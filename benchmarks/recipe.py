@@ -7,7 +7,10 @@ seed. For each (setting, variant, seed) it prints and records:
 - every exit's own accuracy (exit N is the final exit) and the plain model's;
 - the accuracy and mean cost of early-exit inference at the default threshold T = 0.5;
 - the best accuracy at mean cost ≤ 0.5 / 0.6 / 0.7 over a fine threshold sweep, with the
-  net's learned confidence h_i and, for comparison, with max-softmax confidence.
+  net's learned confidence h_i and, for comparison, with max-softmax confidence;
+- thresholds calibrated for mean cost ≤ 0.6 on held-out data, one T (`calibrate`) against
+  one per exit (`calibrate(per_exit=True)`): two-fold on the test set (calibrated on one
+  half, scored on the other, and the other way round; the mean of both), learned confidence.
 
 A variant is a comma-separated list of `key=value` (unknown keys are an error):
 
@@ -45,6 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import earlyexit
+from earlyexit.calibrate import fit_exit_thresholds, score_exit_thresholds
 from earlyexit.demo import load_digits_data, load_mnist_data
 from earlyexit.training import ExitCache as _Cache
 from earlyexit.training import sweep_thresholds as _sweep
@@ -140,6 +144,8 @@ class Record:
     best: dict  # {"learned"|"max_softmax": {budget: accuracy}}
     curves: dict = field(default_factory=dict)  # {"learned"|"max_softmax": [(cost, acc)]}
     seconds: float = 0.0
+    # {"single"|"per_exit": {"accuracy", "cost"}}, two-fold calibrated for cost ≤ CALIBRATE_COST
+    calibrated: dict = field(default_factory=dict)
 
 
 def parse_variant(text: str) -> dict[str, str]:
@@ -194,6 +200,45 @@ def _caches(net: earlyexit.EarlyExitNet, test) -> tuple[dict[str, _Cache], np.nd
         "learned": _Cache(torch.cat(learned).numpy(), right, costs),
         "max_softmax": _Cache(torch.cat(softmax).numpy(), right, costs),
     }, right
+
+
+CALIBRATE_COST = 0.6
+
+
+def _subset(cache: _Cache, rows: np.ndarray) -> _Cache:
+    return _Cache(cache.confidence[rows], cache.correct[rows], cache.costs)
+
+
+def cross_calibrate(cache: _Cache, seed: int) -> dict[str, dict[str, float]]:
+    """One T against one per exit, for mean cost ≤ CALIBRATE_COST, two-fold.
+
+    The samples are split in two halves at random; thresholds are fitted on one half and
+    scored on the other, both ways, and the two scores averaged.
+    """
+    order = np.random.default_rng(seed).permutation(cache.num_samples)
+    halves = np.array_split(order, 2)
+    scores: dict[str, list[tuple[float, float]]] = {"single": [], "per_exit": []}
+    for fit_rows, test_rows in (halves, halves[::-1]):
+        fit, held_out = _subset(cache, fit_rows), _subset(cache, test_rows)
+        values = np.unique(np.concatenate([fit.confidence.ravel(), [0.0, 2.0]]))
+        accuracy, cost, _ = _sweep(fit, values)
+        ok = cost <= CALIBRATE_COST + 1e-9
+        t = float(values[np.flatnonzero(ok)[np.argmax(accuracy[ok])]]) if ok.any() else 2.0
+        single = _sweep(held_out, [t])
+        scores["single"].append((float(single[0][0]), float(single[1][0])))
+        try:
+            per_exit = fit_exit_thresholds(fit, target_cost=CALIBRATE_COST)
+        except ValueError:
+            per_exit = [2.0] * (fit.confidence.shape[1])
+        a, c, _ = score_exit_thresholds(held_out, per_exit)
+        scores["per_exit"].append((a, c))
+    return {
+        k: {
+            "accuracy": float(np.mean([a for a, _ in v])),
+            "cost": float(np.mean([c for _, c in v])),
+        }
+        for k, v in scores.items()
+    }
 
 
 def _plain_accuracy(model: nn.Module, test) -> float:
@@ -261,6 +306,7 @@ def run_one(name: str, variant: str, seed: int, data_dir: str, progress: bool) -
         best=best,
         curves=curves,
         seconds=time.perf_counter() - start,
+        calibrated=cross_calibrate(caches["learned"], seed),
     )
 
 
@@ -286,7 +332,8 @@ def format_table(records: list[Record]) -> str:
         f"{'setting':<11} {'variant':<34} {'seeds':>5} {'plain%':>7} {'exits own acc %':<30}"
         f" {'final':>6} {'T=.5':>6} {'cost':>5}"
         + "".join(f" {'≤' + str(b):>6}" for b in BUDGETS)
-        + "".join(f" {'ms≤' + str(b):>6}" for b in BUDGETS),
+        + "".join(f" {'ms≤' + str(b):>6}" for b in BUDGETS)
+        + f" {'cal 1T':>12} {'cal per-exit':>12}",
     ]
     for (setting, variant), rs in groups.items():
         plain = float(np.mean([r.plain_accuracy for r in rs]))
@@ -302,6 +349,13 @@ def format_table(records: list[Record]) -> str:
         for kind in ("learned", "max_softmax"):
             for b in BUDGETS:
                 row += f" {_pp(_mean_delta(rs, lambda r, k=kind, b=b: r.best[k][str(b)]), 0)}"
+        for kind in ("single", "per_exit"):
+            if all(r.calibrated for r in rs):
+                delta = _mean_delta(rs, lambda r, k=kind: r.calibrated[k]["accuracy"])
+                cost = np.mean([r.calibrated[kind]["cost"] for r in rs])
+                row += f" {_pp(delta, 0)} @{cost:.2f}"
+            else:
+                row += f" {'-':>12}"
         lines.append(row)
     return "\n".join(lines)
 

@@ -53,8 +53,9 @@ shared machine, `--clock process` times this process's CPU time instead of the w
 (or set `OMP_WAIT_POLICY=PASSIVE`). By default the allocator is left as a user has it
 (`--malloc system`); `--malloc tuned` (see `tune_malloc`) keeps freed memory in glibc's heap
 first, which measures the library's own overhead apart from page faults: with glibc's defaults
-activations are page-faulted in afresh, 15-25 % of a CPU forward pass, and more for the traced
-stages than for the original module.
+activations are page-faulted in afresh, 15-40 % of a CPU forward pass of the original module;
+the stages that inference runs write into their own temporaries where they can
+(`earlyexit/fx/_inplace.py`), so they allocate, and fault, less than the original module.
 
 `--preset issue` runs ResNet-110 (32×32, 10 pareto exits), timm `resnet50` and
 `deit_small_patch16_224` (224×224, 4 pareto exits each), uniform pattern, at batch 16 on CPU

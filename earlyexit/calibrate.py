@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from earlyexit.evaluation import NEVER, ExitCache, collect_exit_cache, sweep_thresholds
 from earlyexit.inference import check_threshold
@@ -26,7 +27,10 @@ __all__ = [
     "NEVER",
     "TradeoffCurve",
     "calibrate",
+    "fit_exit_thresholds",
     "plot_tradeoff",
+    "score_exit_thresholds",
+    "set_exit_thresholds",
     "tradeoff_curve",
 ]
 
@@ -178,6 +182,7 @@ def calibrate(
     target_cost: float | None = None,
     max_accuracy_drop: float | None = None,
     *,
+    per_exit: bool = False,
     progress: bool = True,
 ) -> float:
     """Pick the threshold that meets a budget on the given data, and set it on the net.
@@ -195,10 +200,15 @@ def calibrate(
         target_cost: the largest mean relative cost allowed, in `[c_0, c_N]` (`net.exit_costs`).
         max_accuracy_drop: the largest accuracy loss allowed as a fraction (0.01 = one
             percentage point below the no-early-exit accuracy), in `[0, 1]`.
+        per_exit: choose a threshold per exit instead of one for all (`fit_exit_thresholds`)
+            and fold them into the exits' confidence branches (`set_exit_thresholds`), so that
+            the net's one threshold then acts as those. It fits the data more closely than one
+            T: use enough held-out samples (thousands), and measure on others.
         progress: show a progress bar over the batches.
 
     Returns:
-        The threshold T now set as `net.threshold`.
+        The threshold T now set as `net.threshold` (with `per_exit`, the one the exits' own
+        thresholds are folded against).
 
     Raises:
         TypeError: when `net` is not an `EarlyExitNet` or a batch is not an `(x, y)` pair.
@@ -239,6 +249,12 @@ def calibrate(
                 f"{max_accuracy_drop!r}. Hint: 0.01 allows one percentage point less accuracy."
             )
     cache = collect_exit_cache(net, loader, progress=progress, desc="calibrating")
+    if per_exit:
+        thresholds = fit_exit_thresholds(
+            cache, target_cost=target_cost, max_accuracy_drop=max_accuracy_drop
+        )
+        set_exit_thresholds(net, thresholds)
+        return net.threshold
     observed = cache.confidence[cache.confidence >= 0]
     candidates = np.unique(np.concatenate([observed, np.array([0.0, NEVER], np.float32)]))
     accuracy, mean_cost, _ = sweep_thresholds(cache, candidates)
@@ -257,6 +273,162 @@ def calibrate(
     threshold = _robust_threshold(candidates, best)
     net.threshold = threshold
     return threshold
+
+
+def score_exit_thresholds(
+    cache: ExitCache, thresholds: Sequence[float]
+) -> tuple[float, float, np.ndarray]:
+    """Accuracy, mean cost and exit counts with a threshold per early exit.
+
+    Args:
+        cache: from `earlyexit.evaluation.collect_exit_cache`.
+        thresholds: T_0 ... T_{N-1}; a sample leaves at the first exit i with h_i >= T_i.
+
+    Returns:
+        `(accuracy, mean_cost, counts)`, counts of shape `(N+1,)`.
+    """
+    t = np.asarray(thresholds, np.float32)
+    leave = np.concatenate([cache.confidence >= t, np.ones((cache.num_samples, 1), bool)], axis=1)
+    exit_of = leave.argmax(axis=1)
+    rows = np.arange(cache.num_samples)
+    accuracy = float(cache.correct[rows, exit_of].mean()) if cache.num_samples else 0.0
+    mean_cost = float(cache.costs[exit_of].mean()) if cache.num_samples else 0.0
+    counts = np.bincount(exit_of, minlength=len(cache.costs))
+    return accuracy, mean_cost, counts
+
+
+def fit_exit_thresholds(
+    cache: ExitCache,
+    *,
+    target_cost: float | None = None,
+    max_accuracy_drop: float | None = None,
+    candidates: int = 64,
+    rounds: int = 4,
+) -> list[float]:
+    """Choose a threshold per early exit that meets a budget on cached data.
+
+    The budget is `calibrate`'s: the highest accuracy at mean cost at most `target_cost`, or
+    the lowest mean cost at accuracy at most `max_accuracy_drop` below the final exit's. The
+    search starts from the best single threshold and then, exit by exit, moves each T_i to the
+    best of `candidates` values (midpoints between quantiles of h_i on the data, and "never")
+    while the others stay, for `rounds` rounds or until nothing improves. The result is never
+    worse on this data than the best single threshold among the same candidates.
+
+    Args:
+        cache: from `earlyexit.evaluation.collect_exit_cache`, on held-out data.
+        target_cost: the largest mean relative cost allowed.
+        max_accuracy_drop: the largest accuracy loss allowed, as a fraction.
+        candidates: how many values each T_i is chosen from.
+        rounds: passes over the exits.
+
+    Returns:
+        T_0 ... T_{N-1}, each in `[0, 1]` or `NEVER`.
+
+    Raises:
+        ValueError: when neither or both budgets are given, or no threshold meets the budget.
+
+    Example:
+        >>> import numpy as np
+        >>> from earlyexit.evaluation import ExitCache
+        >>> from earlyexit.calibrate import fit_exit_thresholds
+        >>> conf = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.1]], np.float32)
+        >>> right = np.array([[1, 0, 1], [0, 1, 1], [0, 0, 1]], bool)
+        >>> cache = ExitCache(conf, right, np.array([0.3, 0.6, 1.0]))
+        >>> t = fit_exit_thresholds(cache, max_accuracy_drop=0.0)
+        >>> [bool(conf[k, 0] >= t[0]) for k in range(3)]
+        [True, False, False]
+    """
+    if (target_cost is None) == (max_accuracy_drop is None):
+        raise ValueError(
+            "Expected exactly one of `target_cost` and `max_accuracy_drop`, got "
+            f"target_cost={target_cost!r}, max_accuracy_drop={max_accuracy_drop!r}."
+        )
+    n_exits = cache.confidence.shape[1]
+    reference = float(cache.exit_accuracy[-1])
+    tol = 1e-9
+
+    def key(t: Sequence[float]) -> tuple[bool, float, float]:
+        accuracy, cost, _ = score_exit_thresholds(cache, t)
+        if target_cost is not None:
+            return cost <= target_cost + tol, accuracy, -cost
+        return accuracy >= reference - max_accuracy_drop - tol, -cost, accuracy  # type: ignore[operator]
+
+    values = []
+    for i in range(n_exits):
+        h = cache.confidence[:, i]
+        h = h[np.isfinite(h)]
+        q = np.unique(np.quantile(h, np.linspace(0, 1, candidates))) if h.size else np.array([])
+        mids = (q[1:] + q[:-1]) / 2 if q.size > 1 else q
+        values.append(np.unique(np.concatenate([[0.0], mids, [NEVER]]).astype(np.float32)))
+    shared = np.unique(np.concatenate(values))
+    best = max(([float(t)] * n_exits for t in shared), key=key)
+    best_key = key(best)
+    for _ in range(rounds):
+        improved = False
+        for i in range(n_exits):
+            for t in values[i]:
+                trial = [*best[:i], float(t), *best[i + 1 :]]
+                trial_key = key(trial)
+                if trial_key > best_key:
+                    best, best_key, improved = trial, trial_key, True
+        if not improved:
+            break
+    if not best_key[0]:
+        raise ValueError(
+            "No thresholds meet the budget on this data. Hint: allow a higher `target_cost` "
+            "or a larger `max_accuracy_drop`."
+        )
+    return best
+
+
+def set_exit_thresholds(net: EarlyExitNet, thresholds: Sequence[float]) -> None:
+    """Make the net's one threshold act as a threshold per exit, by shifting confidences.
+
+    Exit i's confidence logit a_i is shifted by logit(T) - logit(T_i), where T is
+    `net.threshold` (set to 0.5 first when it is 0 or above 1), so that h_i >= T exactly
+    where, before, h_i >= T_i: the shift goes into the bias of exit i's confidence branch,
+    so it is saved, exported and captured with the net. T_i = 0 makes exit i take every
+    sample that reaches it, T_i above 1 none. Changing `net.threshold` later moves every
+    exit's threshold with it.
+
+    Args:
+        net: the early-exit network.
+        thresholds: T_0 ... T_{N-1}, from `fit_exit_thresholds`.
+
+    Raises:
+        ValueError: when the number of thresholds is not the number of early exits, or one
+            is negative or NaN.
+
+    Example:
+        >>> import timm, torch, earlyexit
+        >>> from earlyexit.calibrate import set_exit_thresholds
+        >>> net = earlyexit.convert(timm.create_model("resnet20"), n_exits=2).eval()
+        >>> x = torch.randn(4, 3, 32, 32)
+        >>> set_exit_thresholds(net, [2.0, 0.0])  # never at exit 0, always at exit 1
+        >>> net.early_exit(x).exit_index.tolist()
+        [1, 1, 1, 1]
+    """
+    _check_net(net)
+    values = [check_threshold(t) for t in thresholds]
+    if len(values) != net.num_exits:
+        raise ValueError(
+            f"Expected {net.num_exits} thresholds, one per early exit, got {len(values)}."
+        )
+    if not 0 < net.threshold < 1:
+        net.threshold = PAPER_THRESHOLD
+    base = math.log(net.threshold / (1 - net.threshold))
+    big = 1e4  # sigmoid(+-1e4) is exactly 1 or 0 in every float type
+    with torch.no_grad():
+        for head, t in zip(net.heads, values, strict=True):
+            if t <= 0:
+                shift = big
+            elif t > 1:
+                shift = -big
+            elif t == 1:
+                shift = base - 30.0  # only a_i >= 30, where h_i rounds to 1
+            else:
+                shift = base - math.log(t / (1 - t))
+            head.confidence.bias.add_(shift)
 
 
 def plot_tradeoff(curve: TradeoffCurve, ax: Any = None, path: str | None = None) -> Any:

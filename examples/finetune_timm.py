@@ -16,6 +16,16 @@ Examples:
     python examples/finetune_timm.py --model convnext_tiny --checkpoint convnext_tiny.safetensors \\
         --data-dir DIR --lr 1e-3 --backbone-lr 1e-4
     python examples/finetune_timm.py --model resnet20 --fake-data 256 --epochs 1  # smoke test
+    python examples/finetune_timm.py --model resnet20 --mnist-standin --data-dir data \
+        --freeze-backbone --epochs 2    # no pretrained weights at hand: see below
+
+With `--mnist-standin`, a plain model pre-trained here on MNIST (from `--data-dir/MNIST/raw`,
+downloaded there unless `--no-download`) stands in for pretrained weights: `--model` is created
+for 1×28×28 images and 10 classes, trained alone for `--standin-epochs` on `--standin-train`
+images, and then converted and fine-tuned as above on the same training images, validated on
+MNIST's test set. The report then also compares the net with the model it started from: with
+`--freeze-backbone`, whether its final exit is that model bit for bit; without, how many points
+the final exit moved.
     torchrun --nproc_per_node=4 examples/finetune_timm.py --model resnet50 --data-dir DIR
 
 Under torchrun every process trains on its own shard with DistributedDataParallel and
@@ -26,6 +36,7 @@ prints and saves.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -61,6 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--img-size", type=int, default=None, help="input side; default: the model's own"
     )
     data.add_argument("--workers", type=int, default=4, help="DataLoader workers per process")
+    data.add_argument(
+        "--mnist-standin",
+        action="store_true",
+        help="pre-train --model on MNIST (in --data-dir) to stand in for pretrained weights",
+    )
+    data.add_argument("--standin-epochs", type=int, default=2, help="epochs of that pre-training")
+    data.add_argument(
+        "--standin-train",
+        type=int,
+        default=20000,
+        metavar="N",
+        help="MNIST training images used (pre-training and fine-tuning)",
+    )
+    ddp.add_download_argument(data)
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="resnet50", help="any timm model name")
@@ -154,8 +179,66 @@ def build_datasets(
     return train_set, val_set
 
 
+def pretrain_standin(
+    args: argparse.Namespace, ctx: ddp.DistContext, progress: bool
+) -> tuple[torch.nn.Module, Dataset, Dataset]:
+    """`--model` trained alone on MNIST: the stand-in for pretrained weights, and the data."""
+    from torch.utils.data import DataLoader, Subset
+
+    from earlyexit.demo import load_mnist_data
+    from earlyexit.training import train_one_epoch
+
+    if ctx.distributed:
+        ddp.fail("--mnist-standin runs in one process. Hint: run it without torchrun.")
+    try:
+        train, val = load_mnist_data(args.data_dir or "data", download=args.download)
+    except FileNotFoundError as err:
+        ddp.fail(str(err))
+    train = Subset(train, range(min(args.standin_train, len(train))))
+    model = timm.create_model(args.model, in_chans=1, num_classes=10).to(ctx.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = DataLoader(
+        train, batch_size=args.batch_size, shuffle=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )  # fmt: skip
+    for epoch in range(args.standin_epochs):
+        loss = train_one_epoch(
+            model, loader, torch.nn.CrossEntropyLoss(), optimizer, epoch=epoch,
+            progress=progress,
+        )  # fmt: skip
+        ddp.print0(ctx, f"pre-training {args.model} on MNIST: epoch {epoch + 1}, loss {loss:.4f}")
+    return model.eval(), train, val
+
+
+@torch.no_grad()
+def compare_with_start(
+    net: earlyexit.EarlyExitNet, start: torch.nn.Module, val_set: Dataset, device: torch.device
+) -> dict[str, Any]:
+    """The net's final exit against the model it was converted from, on the validation set."""
+    from torch.utils.data import DataLoader
+
+    net.eval()
+    start.eval()
+    same, hits_start, hits_final, n = True, 0, 0, 0
+    for x, y in DataLoader(val_set, batch_size=500):
+        x, y = x.to(device), y.to(device)
+        final = net.early_exit(x, threshold=NEVER).logits
+        reference = start(x)
+        same = same and torch.equal(final, reference)
+        hits_final += int((final.argmax(1) == y).sum())
+        hits_start += int((reference.argmax(1) == y).sum())
+        n += len(y)
+    return {
+        "start_accuracy": hits_start / n,
+        "final_exit_accuracy": hits_final / n,
+        "final_exit_identical": same,
+    }
+
+
 def check_data_dir(args: argparse.Namespace) -> list[str]:
     """The class names of `--data-dir`, or an error that says what is missing."""
+    if args.mnist_standin:
+        return [str(i) for i in range(10)]
     if args.fake_data:
         return [str(i) for i in range(args.num_classes)]
     if args.data_dir is None:
@@ -183,10 +266,18 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, ctx: ddp.DistContext, classes: list[str], start: float) -> int:
     """Build, train, evaluate and report (every rank runs this)."""
     progress = ctx.is_main and not args.no_progress
-    backbone = create_backbone(args, len(classes))
-    overrides = {} if args.img_size is None else {"input_size": (3, args.img_size, args.img_size)}
-    data_config = resolve_data_config(overrides, model=backbone)
-    train_set, val_set = build_datasets(args, data_config)
+    start_model = None
+    if args.mnist_standin:
+        backbone, train_set, val_set = pretrain_standin(args, ctx, progress)
+        start_model = copy.deepcopy(backbone)
+        data_config = {"input_size": (1, 28, 28)}
+    else:
+        backbone = create_backbone(args, len(classes))
+        overrides = (
+            {} if args.img_size is None else {"input_size": (3, args.img_size, args.img_size)}
+        )
+        data_config = resolve_data_config(overrides, model=backbone)
+        train_set, val_set = build_datasets(args, data_config)
     if isinstance(train_set, datasets.ImageFolder):
         classes = train_set.classes
 
@@ -198,13 +289,16 @@ def run(args: argparse.Namespace, ctx: ddp.DistContext, classes: list[str], star
         input_size=data_config["input_size"],
         threshold=args.threshold,
     ).to(ctx.device)
-    pretrained = args.pretrained or args.checkpoint is not None
+    pretrained = args.pretrained or args.checkpoint is not None or args.mnist_standin
     if args.freeze_backbone:
         if not pretrained:
             ddp.print0(ctx, "warning: --freeze-backbone without pretrained weights")
         freeze_backbone(net)
         # The classifier timm made for these classes is new: the final exit must learn too.
-        if not pretrained or len(classes) != backbone.pretrained_cfg.get("num_classes"):
+        new_classifier = not args.mnist_standin and (
+            not pretrained or len(classes) != backbone.pretrained_cfg.get("num_classes")
+        )
+        if new_classifier:
             backbone.get_classifier().requires_grad_(True)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     ddp.print0(
@@ -247,7 +341,11 @@ def run(args: argparse.Namespace, ctx: ddp.DistContext, classes: list[str], star
 
     results: dict[str, Any] = {
         "model": args.model,
-        "dataset": "fake" if args.fake_data else str(args.data_dir),
+        "dataset": "mnist"
+        if args.mnist_standin
+        else "fake"
+        if args.fake_data
+        else str(args.data_dir),
         "classes": classes,
         "input_size": list(data_config["input_size"]),
         "pretrained": pretrained,
@@ -272,6 +370,8 @@ def run(args: argparse.Namespace, ctx: ddp.DistContext, classes: list[str], star
         "exit_accuracy": chosen.exit_accuracy,
         "checkpoint": None,
     }
+    if start_model is not None:
+        results["start"] = compare_with_start(net, start_model, val_set, ctx.device)
     if ctx.is_main:
         if not args.no_save:
             out = args.output_dir or f"output/finetune-{args.model}"
@@ -286,6 +386,16 @@ def run(args: argparse.Namespace, ctx: ddp.DistContext, classes: list[str], star
         print("\naccuracy/cost trade-off on the validation set (T = never: no early exit):")
         print(curve)
         print(f"\nat T={chosen.threshold:g}:\n{chosen}", flush=True)
+        if start_model is not None:
+            r = results["start"]
+            moved = 100 * (r["final_exit_accuracy"] - r["start_accuracy"])
+            print(
+                f"the model it started from: {100 * r['start_accuracy']:.2f} %; the final "
+                f"exit: {100 * r['final_exit_accuracy']:.2f} % ({moved:+.2f} points), "
+                f"{'identical' if r['final_exit_identical'] else 'not identical'} to it "
+                "bit for bit",
+                flush=True,
+            )
         if results["checkpoint"]:
             print(f"saved {results['checkpoint']} (threshold {net.threshold:g})", flush=True)
         if args.json:

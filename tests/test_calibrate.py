@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import timm
@@ -16,7 +18,10 @@ from earlyexit.calibrate import (
     NEVER,
     TradeoffCurve,
     calibrate,
+    fit_exit_thresholds,
     plot_tradeoff,
+    score_exit_thresholds,
+    set_exit_thresholds,
     tradeoff_curve,
 )
 from earlyexit.training import ExitCache, collect_exit_cache, sweep_thresholds
@@ -283,3 +288,77 @@ def test_plot_tradeoff(curve, tmp_path):
     assert path.stat().st_size > 1000
     labels = ax.get_legend_handles_labels()[1]
     assert "T = 0.5 (paper)" in labels and "no early exit" in labels
+
+
+def _two_scale_cache() -> ExitCache:
+    """Exit 0 is right when h_0 > 0.8, exit 1 when h_1 > 0.3: no single T serves both."""
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0, 1, (400, 2)).astype(np.float32)
+    correct = np.stack([conf[:, 0] > 0.8, conf[:, 1] > 0.3, np.ones(400, bool)], axis=1)
+    return ExitCache(conf, correct, np.array([0.2, 0.5, 1.0]))
+
+
+def test_exit_thresholds_beat_one_threshold_where_the_exits_differ():
+    cache = _two_scale_cache()
+    t = fit_exit_thresholds(cache, max_accuracy_drop=0.0)
+    accuracy, cost, _ = score_exit_thresholds(cache, t)
+    assert accuracy == 1.0
+    assert 0.8 <= t[0] < 0.85 and 0.3 <= t[1] < 0.35  # on a grid of 64 quantiles
+    # Every single threshold that keeps all the accuracy costs more.
+    values = np.unique(np.concatenate([cache.confidence.ravel(), [0.0, NEVER]]))
+    single_acc, single_cost, _ = sweep_thresholds(cache, values)
+    assert cost < single_cost[single_acc >= 1.0].min() - 0.05
+
+
+@pytest.mark.parametrize("target", [0.4, 0.6, 0.9])
+def test_exit_thresholds_meet_a_cost_target_and_match_one_threshold_at_least(target):
+    cache = _two_scale_cache()
+    t = fit_exit_thresholds(cache, target_cost=target)
+    accuracy, cost, counts = score_exit_thresholds(cache, t)
+    assert cost <= target + 1e-9 and counts.sum() == 400
+    values = np.unique(np.concatenate([cache.confidence.ravel(), [0.0, NEVER]]))
+    single_acc, single_cost, _ = sweep_thresholds(cache, values)
+    assert accuracy >= single_acc[single_cost <= target].max() - 0.01
+
+
+def test_exit_thresholds_folded_into_the_net_give_the_exits_inference_takes(net, data):
+    x = torch.cat([b[0] for b in data])
+    with torch.no_grad():
+        h = torch.sigmoid(torch.stack(net.forward_all(x).confidence_logits, 1))
+    thresholds = [0.37, 0.0, 2.0]
+    t = torch.tensor([0.37, 0.0, 3.0])
+    leave = torch.cat([h >= t, torch.ones(len(x), 1, dtype=torch.bool)], 1)
+    expected = leave.int().argmax(1)
+    assert len(expected.unique()) >= 2
+    before = net.early_exit(x, threshold=0.5)
+    folded = copy.deepcopy(net)
+    set_exit_thresholds(folded, thresholds)
+    assert folded.threshold == net.threshold == 0.5
+    with torch.no_grad():
+        got = folded.early_exit(x)
+    assert torch.equal(got.exit_index, expected)
+    # Each sample's logits are those of the exit it left at, as before.
+    with torch.no_grad():
+        logits = torch.stack(net.forward_all(x).logits, 1)[torch.arange(len(x)), expected]
+    torch.testing.assert_close(got.logits, logits)
+    assert not torch.equal(before.exit_index, got.exit_index)
+
+
+def test_calibrate_per_exit_meets_the_budget_on_its_data(net, data):
+    folded = copy.deepcopy(net)
+    t = calibrate(folded, data, target_cost=0.7, per_exit=True, progress=False)
+    assert t == folded.threshold
+    result = earlyexit.evaluate(folded, data, progress=False)
+    assert result.cost <= 0.7 + 1e-6
+    plain = copy.deepcopy(net)
+    calibrate(plain, data, target_cost=0.7, progress=False)
+    assert result.accuracy >= earlyexit.evaluate(plain, data, progress=False).accuracy - 0.03
+
+
+def test_exit_threshold_errors(net):
+    with pytest.raises(ValueError, match="one per early exit"):
+        set_exit_thresholds(copy.deepcopy(net), [0.5])
+    with pytest.raises(ValueError, match="exactly one"):
+        fit_exit_thresholds(_two_scale_cache())
+    with pytest.raises(ValueError, match="No thresholds meet"):
+        fit_exit_thresholds(_two_scale_cache(), target_cost=0.1)

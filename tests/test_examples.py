@@ -290,3 +290,27 @@ def test_torchrun_cifar_resnet_two_ranks(tmp_path):
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["world_size"] == 2 and result["test_samples"] == 16
     assert len(result["history"]) == 2 and "accuracy" in result["history"][0]
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "unfrozen"])
+def test_finetune_mnist_standin_compares_with_the_model_it_started_from(
+    tmp_path, monkeypatch, offline, frozen
+):
+    module = _import(FINETUNE, monkeypatch)
+    _write_mnist(tmp_path / "data", train=64, test=32)
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "--model", "resnet8", "--mnist-standin", "--data-dir", "data", "--standin-epochs", "1",
+        "--epochs", "1", "--batch-size", "16", "--workers", "0", "--device", "cpu",
+        "--no-progress", "--no-save", "--json", "r.json",
+    ]  # fmt: skip
+    assert module.main([*args, *(["--freeze-backbone"] if frozen else [])]) == 0
+    assert not offline  # the files were there: nothing was downloaded
+    result = json.loads((tmp_path / "r.json").read_text())
+    start = result["start"]
+    assert result["dataset"] == "mnist" and result["input_size"] == [1, 28, 28]
+    assert sum(result["exit_counts"]) == 32
+    # Frozen, the final exit is the pre-trained model itself; unfrozen, it was trained on.
+    assert start["final_exit_identical"] is frozen
+    if frozen:
+        assert start["final_exit_accuracy"] == start["start_accuracy"]
