@@ -18,6 +18,8 @@ A variant is a comma-separated list of `key=value` (unknown keys are an error):
     head=conv|pool|bnpool     exit type                  kd=FLOAT  distill (α)
     q=FLOAT                   exit_precision             gs=FLOAT  grad_scale of the net
     zi=0|1                    zero_init_last of the CIFAR ResNets (default 0, the models' default)
+    cw=32|c                   conv heads' width: 32 = the library's (`conv_width`, at least 32),
+                              c = the earlier min(C, max(32, C/4)), never wider than the feature
 
 Settings (MNIST from `--data-dir`, torchvision's layout; digits from scikit-learn):
 
@@ -40,6 +42,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import timm
@@ -125,7 +128,7 @@ DEFAULT_VARIANTS = (
 
 BUDGETS = (0.5, 0.6, 0.7)
 THRESHOLDS = np.concatenate([np.linspace(0.0, 1.0, 401), [1.01]]).astype(np.float32)
-KEYS = {"loss", "head", "w", "kd", "q", "gs", "zi"}
+KEYS = {"loss", "head", "w", "kd", "q", "gs", "zi", "cw"}
 TEST_SAMPLES = 5000
 _PLAIN: dict[tuple[str, int, bool], float] = {}  # plain accuracy per (setting, seed, init)
 
@@ -167,6 +170,11 @@ def _data(setting: dict, data_dir: str, seed: int) -> tuple[TensorDataset, Tenso
     if setting["train"] is not None:
         train = Subset(train, torch.randperm(len(train), generator=generator)[: setting["train"]])
     return train, Subset(test, range(TEST_SAMPLES))
+
+
+def _narrow_width(channels: int) -> int:
+    """The `conv` heads' width before it had a floor of 32 whatever the feature's width."""
+    return min(channels, max(earlyexit.heads.CONV_MIN_WIDTH, channels // 4))
 
 
 def _model(setting: dict, zero_init: bool) -> nn.Module:
@@ -264,13 +272,15 @@ def run_one(name: str, variant: str, seed: int, data_dir: str, progress: bool) -
 
     torch.manual_seed(seed)
     model = _model(setting, zero_init)
-    net = earlyexit.convert(
-        model,
-        n_exits=setting["n_exits"],
-        dist=setting["dist"],
-        exit_type=spec["head"],
-        input_size=(1, 28, 28),
-    )
+    width = _narrow_width if spec.get("cw") == "c" else earlyexit.heads.conv_width
+    with mock.patch.object(earlyexit.heads, "conv_width", width):
+        net = earlyexit.convert(
+            model,
+            n_exits=setting["n_exits"],
+            dist=setting["dist"],
+            exit_type=spec["head"],
+            input_size=(1, 28, 28),
+        )
     if "gs" in spec:
         net.config.grad_scale = float(spec["gs"])
     options = {"exit_ce_weight": float(spec["w"])} if "w" in spec else {}
@@ -360,6 +370,44 @@ def format_table(records: list[Record]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(records: list[Record]) -> str:
+    """The table of `format_table` as Markdown, for the docs."""
+    groups: dict[tuple[str, str], list[Record]] = {}
+    for r in records:
+        groups.setdefault((r.setting, r.variant), []).append(r)
+    head = (
+        "| setting | variant | seeds | plain % | exits' own accuracy % | final | T = 0.5 "
+        "| its cost | best ≤ 0.5 | best ≤ 0.6 | best ≤ 0.7 | max-softmax ≤ 0.6 | calibrated, one T "
+        "| calibrated, per exit |"
+    )
+    lines = [head, "| --- | --- | ---: | ---: | --- |" + " ---: |" * 9]
+    for (setting, variant), rs in groups.items():
+        plain = float(np.mean([r.plain_accuracy for r in rs]))
+        own = np.mean([r.exit_accuracy for r in rs], axis=0)
+        cells = [
+            setting,
+            f"`{variant}`",
+            str(len(rs)),
+            f"{100 * plain:.2f}",
+            " / ".join(f"{100 * a:.1f}" for a in own),
+            _pp(_mean_delta(rs, lambda r: r.exit_accuracy[-1]), 0).strip(),
+            _pp(_mean_delta(rs, lambda r: r.default["accuracy"]), 0).strip(),
+            f"{np.mean([r.default['cost'] for r in rs]):.2f}",
+        ]
+        for b in BUDGETS:
+            cells.append(_pp(_mean_delta(rs, lambda r, b=b: r.best["learned"][str(b)]), 0).strip())
+        cells.append(_pp(_mean_delta(rs, lambda r: r.best["max_softmax"]["0.6"]), 0).strip())
+        for kind in ("single", "per_exit"):
+            if all(r.calibrated for r in rs):
+                delta = _mean_delta(rs, lambda r, k=kind: r.calibrated[k]["accuracy"])
+                cost = np.mean([r.calibrated[kind]["cost"] for r in rs])
+                cells.append(f"{_pp(delta, 0).strip()} at {cost:.2f}")
+            else:
+                cells.append("-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(records: list[Record], path: str) -> None:
     """Accuracy against mean cost (learned confidence), one panel per setting, first seed.
 
@@ -405,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", help="draw the trade-off curves to this PNG")
     parser.add_argument("--replot", nargs="+", help="only print and plot saved JSON files")
     parser.add_argument("--progress", action="store_true", help="show training progress")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = parser.parse_args(argv)
     for variant in args.variants:
         parse_variant(variant)
@@ -439,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print("error: nothing to report", file=sys.stderr)
         return 2
-    print(format_table(records))
+    print(format_markdown(records) if args.markdown else format_table(records))
     if args.plot:
         plot(records, args.plot)
         print(f"plot: {args.plot}")

@@ -37,11 +37,13 @@ CONV_MIN_WIDTH = 32
 def conv_width(channels: int) -> int:
     """The hidden width of a `conv` head on a feature with `channels` channels.
 
-    A quarter of the channels, but at least `CONV_MIN_WIDTH` and never more than `channels`:
-    a thin early feature keeps its width (16 channels in a CIFAR ResNet), a wide one is cheap
-    (256 channels in ResNet-50's `layer1` give 64).
+    A quarter of the channels, but at least `CONV_MIN_WIDTH`: a thin early feature (4-16
+    channels in the small ResNets) is widened, since a classifier on a handful of features is
+    too weak an exit, and a wide one stays cheap (256 channels in ResNet-50's `layer1` give 64).
+    The convolution runs on a map pooled to at most 4×4, so the extra width costs little: on
+    resnet20's 16-channel first stage, 74 thousand MACs, 0.18 % of the model.
     """
-    return min(channels, max(CONV_MIN_WIDTH, channels // 4))
+    return max(CONV_MIN_WIDTH, channels // 4)
 
 
 def pool_window(size: int) -> int:

@@ -373,7 +373,7 @@ def tradeoff_digits(out: Path, numbers: dict, epochs: int = 12) -> None:
     plt.close(ax.figure)
     numbers["tradeoff_digits"] = {
         "setup": (
-            f"resnet8, 2 quadratic pool exits, {criterion!r}, Adam lr 1e-3, batch 32, "
+            f"resnet8, 2 quadratic exits with {net.config.exit_type} heads, {criterion!r}, Adam lr 1e-3, batch 32, "
             f"{epochs} epochs, seed 0, sklearn digits upsampled to 28x28, 75/25 split"
         ),
         "train_seconds": round(seconds, 1),

@@ -42,7 +42,10 @@ def _spread_confidences(net: earlyexit.EarlyExitNet, x: torch.Tensor, scale: flo
             head.confidence.bias.zero_()
         out = net.forward_all(x)
         for head, a in zip(net.heads, out.confidence_logits):
-            head.confidence.bias.fill_(-a.median().item())
+            # Midway between the two middle logits: no sample sits on the threshold, where
+            # a layout's or a dtype's rounding would decide its exit.
+            s = a.sort().values
+            head.confidence.bias.fill_(-((s[(len(s) - 1) // 2] + s[len(s) // 2]) / 2).item())
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -226,7 +229,7 @@ def test_grad_scale_scales_what_the_heads_send_into_the_backbone(scale):
 def test_conv_head_width():
     from earlyexit.heads import conv_width, pool_window
 
-    assert [conv_width(c) for c in (4, 16, 32, 64, 256, 2048)] == [4, 16, 32, 32, 64, 512]
+    assert [conv_width(c) for c in (4, 16, 32, 64, 256, 2048)] == [32, 32, 32, 32, 64, 512]
     # Pool windows tile the map exactly (PyTorch and ONNX average the same way), grid ≤ 4.
     for size in range(1, 120):
         window = pool_window(size)
