@@ -250,7 +250,8 @@ def fit_exits(
         if k < first:
             raise PlacementError(
                 f"{n} exits cannot all cost less than the model: their heads cost too much for "
-                f"the candidates left after exit {i - 1}. Hint: use fewer exits, or a cheaper "
+                f"the candidates {'left after exit ' + str(i - 1) if i else 'there are'}. Hint: "
+                "use fewer exits, or a cheaper "
                 "`exit_type` (`pool`)."
             )
         picks.append(k)
