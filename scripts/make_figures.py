@@ -373,8 +373,9 @@ def tradeoff_digits(out: Path, numbers: dict, epochs: int = 12) -> None:
     plt.close(ax.figure)
     numbers["tradeoff_digits"] = {
         "setup": (
-            f"resnet8, 2 quadratic exits with {net.config.exit_type} heads, {criterion!r}, Adam lr 1e-3, batch 32, "
-            f"{epochs} epochs, seed 0, sklearn digits upsampled to 28x28, 75/25 split"
+            f"resnet8, 2 quadratic exits with {net.config.exit_type} heads, {criterion!r}, "
+            f"Adam lr 1e-3, batch 32, {epochs} epochs, seed 0, sklearn digits upsampled to "
+            "28x28, 75/25 split"
         ),
         "train_seconds": round(seconds, 1),
         "curve": str(curve),
