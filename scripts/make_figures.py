@@ -14,8 +14,10 @@ Needs matplotlib and scikit-learn (`pip install earlyexit[docs,demo]`); no downl
 The figures: `eenet` (a converted resnet20, to scale), `profiles` (cumulative MACs over depth
 of four models), `distributions` (where each rule puts 10 exits on resnet110), `costs` (the
 quickstart's EENet-110), `paper` (the exit layouts of the paper's Tables 7 and 9, against
-ours), `tradeoff` (EENet-8 on digits, 12 epochs) and `speed` (efficiency and overhead against
-batch size, drawn from the saved results of `benchmarks/speed.py`).
+ours), `tradeoff` (EENet-8 on digits, 12 epochs), `speed` (efficiency and overhead against
+batch size, drawn from the saved results of `benchmarks/speed.py`), `recipe` (the training-recipe
+ablation, from `benchmarks/results/recipe.json`) and `mnist` (EENet-8 on MNIST at 20 epochs,
+from the saved run of `examples/mnist_eenet8.py`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ FIGURES = (
     "tradeoff",
     "speed",
     "recipe",
+    "mnist",
 )
 
 #: Models of the cost-profile figure: (timm name, label, input size or None for the model's own).
@@ -412,6 +415,29 @@ def recipe_results(out: Path) -> None:
     recipe.plot(records, str(out / "recipe.png"))
 
 
+def mnist_results(out: Path) -> None:
+    """EENet-8 on MNIST at the paper's 20 epochs, from the saved run of
+    `examples/mnist_eenet8.py`: every model's accuracy against cost (no training)."""
+    from earlyexit.demo import DemoRow, plot_demo_tradeoff
+    from earlyexit.evaluation import Evaluation
+
+    path = ROOT / "benchmarks" / "results" / "mnist-eenet8-20epochs.json"
+    saved = json.loads(path.read_text())
+    rows = []
+    for r in saved["table2"] + saved["sweep"]:
+        evaluation = None
+        if r["exit_counts"] is not None and r["curve"]:
+            evaluation = Evaluation(
+                r["accuracy"], r["cost"], r["exit_counts"], r["exit_accuracy"],
+                r["exit_costs"], sum(r["exit_counts"]), 0.5,
+            )  # fmt: skip
+        curve = [(p["threshold"], p["accuracy"], p["cost"]) for p in r["curve"]]
+        rows.append(DemoRow(r["label"], evaluation, r["accuracy"], r["cost"], curve, 0.0))
+    epochs = saved["setting"]["epochs"]
+    title = f"EENet-8 on MNIST, {epochs} epochs"
+    plot_demo_tradeoff(rows, out / "mnist_eenet8_20epochs.png", title)
+
+
 def speed_results(out: Path) -> None:
     """Efficiency and overhead against batch size, from saved results: this measures nothing."""
     speed = _load_benchmark("speed")
@@ -454,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         speed_results(args.out)
     if "recipe" in only:
         recipe_results(args.out)
+    if "mnist" in only:
+        mnist_results(args.out)
     numbers_path.write_text(json.dumps(numbers, indent=1) + "\n")
     print(f"wrote {sorted(p.name for p in args.out.iterdir())} in {time.time() - start:.0f} s")
     return 0
