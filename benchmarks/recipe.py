@@ -8,9 +8,11 @@ seed. For each (setting, variant, seed) it prints and records:
 - the accuracy and mean cost of early-exit inference at the default threshold T = 0.5;
 - the best accuracy at mean cost ≤ 0.5 / 0.6 / 0.7 over a fine threshold sweep, with the
   net's learned confidence h_i and, for comparison, with max-softmax confidence;
-- thresholds calibrated for mean cost ≤ 0.6 on held-out data, one T (`calibrate`) against
-  one per exit (`calibrate(per_exit=True)`): two-fold on the test set (calibrated on one
-  half, scored on the other, and the other way round; the mean of both), learned confidence.
+- thresholds calibrated for mean cost ≤ 0.6 on held-out data, one T (the most accurate
+  observed confidence within the budget; `calibrate` picks the same T up to ties and its
+  midpoint margin) against one per exit (`fit_exit_thresholds`, as
+  `calibrate(per_exit=True)`): two-fold on the test set (calibrated on one half, scored on the
+  other, and the other way round; the mean of both), learned confidence.
 
 A variant is a comma-separated list of `key=value` (unknown keys are an error):
 

@@ -151,7 +151,6 @@ class _Rewriter:
         # buffer passes along.
         self.passes: set[fx.Node] = set()
         self.fresh: set[fx.Node] = set()
-        self.count = 0
 
     def module(self, node: fx.Node) -> nn.Module | None:
         return self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
@@ -202,9 +201,10 @@ class _Rewriter:
         if node.op in ("call_function", "call_method") and not node.kwargs and len(node.args) == 2:
             fn = add_ if target in _ADD else mul_ if target in _MUL else None
             a, b = node.args
-            if fn is not None and (self.owned(a, node) or self.owned(b, node)):
+            first = fn is not None and self.owned(a, node)
+            if first or (fn is not None and self.owned(b, node)):
                 node.op, node.target = "call_function", fn
-                node.args = (a, b) if self.owned(a, node) else (b, a)
+                node.args = (a, b) if first else (b, a)
                 return True
         unary = len(node.args) == 1 and not node.kwargs
         relu = node.op in ("call_function", "call_method") and target in _RELU and unary
@@ -220,13 +220,15 @@ class _Rewriter:
         return False
 
     def run(self) -> int:
+        """Rewrite the graph; the number of ops rewritten."""
+        count = 0
         for node in list(self.gm.graph.nodes):
             if self.rewrite(node):
                 self.passes.add(node)
-                self.count += 1
+                count += 1
             else:
                 self.classify(node)
-        return self.count
+        return count
 
 
 def rewrite_inplace(stage: fx.GraphModule) -> fx.GraphModule:
