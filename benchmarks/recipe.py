@@ -29,7 +29,8 @@ Settings (MNIST from `--data-dir`, torchvision's layout; digits from scikit-lear
     mnist-r20n    resnet20 with widths (8, 16, 32): a narrower network, 20000 images, 2 epochs
     mnist-r8      the paper's EENet-8 (resnet8 width 16), 2 quadratic exits, 6000 images
     mnist-r20s    resnet20, 4 pareto exits, 1500 training images, 3 epochs: fewer samples
-    digits-r8     the demo: resnet8 width 4, 2 quadratic exits, digits, 16 epochs
+    digits-r8     resnet8 width 4, 2 quadratic exits, digits, 16 epochs at a constant rate
+    digits-r8c    the demo: the same with the rate annealed to 0 over the epochs (cosine)
 
     python benchmarks/recipe.py --settings mnist-r20n --seeds 0 1 --json recipe.json
     python benchmarks/recipe.py --variants "loss=v2+ce,head=pool" "loss=exits,head=conv"
@@ -117,6 +118,7 @@ SETTINGS: dict[str, dict] = {
         lr=1e-2,
     ),
 }
+SETTINGS["digits-r8c"] = dict(SETTINGS["digits-r8"], schedule="cosine")
 
 DEFAULT_VARIANTS = (
     "loss=exits,head=conv",  # the library's defaults (grad_scale 0.3)
@@ -190,8 +192,13 @@ def _fit(net: nn.Module, criterion, data, setting: dict, seed: int, progress: bo
     optimizer = torch.optim.Adam(net.parameters(), lr=setting["lr"])
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(data, batch_size=setting["batch"], shuffle=True, generator=generator)
-    for epoch in range(setting["epochs"]):
+    epochs = setting["epochs"]
+    cosine = setting.get("schedule") == "cosine"
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs) if cosine else None
+    for epoch in range(epochs):
         train_one_epoch(net, loader, criterion, optimizer, "cpu", epoch, progress=progress)
+        if schedule is not None:
+            schedule.step()
 
 
 @torch.no_grad()

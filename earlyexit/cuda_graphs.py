@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from earlyexit.errors import EarlyExitError
+from earlyexit.fx._fold import FoldedConvBN
 from earlyexit.inference import ExitSplit, _select, check_threshold, exit_mask, record_exit
 from earlyexit.model import EarlyExitNet, check_eval_net
 from earlyexit.outputs import EarlyExitResult
@@ -118,6 +119,9 @@ class _Steps:
         self.stages = net.staged.inference_stages()
         self.heads = net._exit_heads()
         self.batch_sizes = batch_sizes
+        # A graph reads the folded weights it was captured with; `refresh` folds them again
+        # (in the same tensors) where the net's weights changed since.
+        self.folded = [m for s in self.stages for m in s.modules() if isinstance(m, FoldedConvBN)]
         param = next(net.parameters())
         # Ordinary tensors, though `predict` builds the steps under inference mode: the caller
         # writes into them, in whatever mode it runs.
@@ -134,6 +138,11 @@ class _Steps:
                     if i < len(self.heads) and i + 1 == len(self.inputs):
                         self.inputs.append(torch.zeros_like(self.stages[i](self.inputs[i])))
                     self._prepare(i, b)
+
+    def refresh(self) -> None:
+        """Fold the batch norms again where a weight or statistic changed since the last run."""
+        for module in self.folded:
+            module.folded()
 
     def set_threshold(self, threshold: float) -> None:
         if threshold != self.threshold_value:
@@ -241,9 +250,10 @@ class GraphedEarlyExit:
     `net.early_exit` gives it.
 
     The graphs read the net's parameters and buffers in place: weights loaded with
-    `load_state_dict` are used, but after moving or converting the net (`.to()`, `.half()`)
-    capture again. The threshold is `net.threshold`, or the one passed to a call; changing it
-    needs no new capture.
+    `load_state_dict` are used (each call first folds the batch norms again, into the tensors
+    the graphs read, where a weight or statistic changed), but after moving or converting the
+    net (`.to()`, `.half()`) capture again. The threshold is `net.threshold`, or the one passed
+    to a call; changing it needs no new capture.
 
     Attributes:
         net: the net the graphs were captured from.
@@ -296,6 +306,7 @@ class GraphedEarlyExit:
         t = net.threshold if threshold is None else check_threshold(threshold)
         self._steps.set_threshold(t)
         with torch.no_grad():
+            self._steps.refresh()
             return self._early_exit(x)
 
     def _early_exit(self, x: torch.Tensor) -> EarlyExitResult:

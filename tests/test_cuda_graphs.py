@@ -27,6 +27,7 @@ from earlyexit.cuda_graphs import (
     bucket_sizes,
     capture_cuda_graphs,
 )
+from earlyexit.fx._fold import FoldedConvBN
 from earlyexit.inference import exit_mask
 
 from toy_models import ToyNet, spread_confidences
@@ -270,3 +271,24 @@ def test_moved_parameters_are_refused():
     net.double()
     with pytest.raises(CudaGraphError, match=r"parameters moved.*Hint: capture again"):
         runner(x.double())
+
+
+def test_weights_loaded_after_capture_are_folded_again_for_the_replay(pool, monkeypatch):
+    """A graph replays the folded weights it was captured with; a call folds them again."""
+    torch.manual_seed(0)
+    net = earlyexit.convert(timm.create_model("resnet20", zero_init_last=False), n_exits=3).eval()
+    runner = _replaying(net, 8)
+    with torch.no_grad():
+        runner(pool[:8])
+
+    # As a replay does: the captured folded tensors, no Python check of the weights.
+    def replay(self, x):
+        return self.conv._conv_forward(x, self._weight, self._bias)
+
+    monkeypatch.setattr(FoldedConvBN, "forward", replay)
+    other = earlyexit.convert(timm.create_model("resnet20", zero_init_last=False), n_exits=3)
+    net.load_state_dict(other.state_dict())
+    out = runner(pool[:8], threshold=2.0)
+    with torch.no_grad():
+        expected = net.forward_all(pool[:8]).logits[-1]
+    torch.testing.assert_close(out.logits, expected, **TOL)

@@ -32,11 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from earlyexit.fx._fold import FoldedConvBN
+
 __all__ = ["rewrite_inplace"]
 
 # Modules whose output is a new tensor, never their input or a view of it.
 _FRESH_MODULES: tuple[type[nn.Module], ...] = (
     nn.modules.conv._ConvNd,
+    FoldedConvBN,
     nn.Linear,
     nn.modules.batchnorm._BatchNorm,
     nn.modules.instancenorm._InstanceNorm,

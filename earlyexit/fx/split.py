@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from earlyexit.errors import TraceError
+from earlyexit.fx._fold import fold_batchnorm as fold_stage
 from earlyexit.fx._inplace import rewrite_inplace
 from earlyexit.fx._ops import has_effect, is_size_source
 from earlyexit.fx.analysis import CutPoint, GraphAnalysis, ModelAnalysis
@@ -61,6 +62,19 @@ class StagedGraph(nn.Module):
         self._stages = {mode: tuple(chain) for mode, chain in stages.items()}
         self._compiled: dict[bool, tuple[nn.Module, ...]] | None = None
         self._inference: tuple[nn.Module, ...] | None = None
+        self._fold = True
+
+    @property
+    def fold_batchnorm(self) -> bool:
+        """Whether `inference_stages` fold batch norms into convolutions (default True)."""
+        return self._fold
+
+    @fold_batchnorm.setter
+    def fold_batchnorm(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"Expected `fold_batchnorm` to be a bool, got {value!r}.")
+        if value != self._fold:
+            self._fold, self._inference = value, None
 
     @property
     def names(self) -> list[str]:
@@ -73,18 +87,24 @@ class StagedGraph(nn.Module):
         return list((self._compiled or self._stages)[mode])
 
     def inference_stages(self) -> list[nn.Module]:
-        """The eval-mode stages for inference: they write into their own temporaries.
+        """The eval-mode stages for inference: norms folded, temporaries written in place.
 
-        Where autograd is off, their ops overwrite temporaries that nothing reads again
-        (`relu` after a norm, the sum that ends a residual block), which saves the allocator
-        work and, on CPU, the page faults of fresh memory (see `earlyexit.fx._inplace`). The
-        results are those of `stages(False)` bit for bit; with autograd on they compute out
-        of place. Compiled stages are returned as they are after `compile()`.
+        Where autograd is off, each conv → batch norm pair runs as one convolution with the
+        norm folded into its weights (see `earlyexit.fx._fold`; unless `fold_batchnorm` is
+        False), and ops overwrite
+        temporaries that nothing reads again (`relu` after a norm, the sum that ends a
+        residual block), which saves the allocator work and, on CPU, the page faults of fresh
+        memory (see `earlyexit.fx._inplace`). The results are those of `stages(False)` up to
+        float rounding; with autograd on they compute as those do. Compiled stages are
+        returned as they are after `compile()`.
         """
         if self._compiled is not None:
             return list(self._compiled[False])
         if self._inference is None:
-            self._inference = tuple(rewrite_inplace(s) for s in self._stages[False])
+            chain = self._stages[False]
+            if self._fold:
+                chain = tuple(fold_stage(s) for s in chain)
+            self._inference = tuple(rewrite_inplace(s) for s in chain)
         return list(self._inference)
 
     def compile(self, **kwargs: Any) -> StagedGraph:  # type: ignore[override]
