@@ -63,7 +63,8 @@ the stages that inference runs write into their own temporaries where they can
 `--preset issue` runs ResNet-110 (32×32, 10 pareto exits), timm `resnet50` and
 `deit_small_patch16_224` (224×224, 4 pareto exits each), uniform pattern, at batch 16 on CPU
 (fp32) and on CUDA at 256 (ResNet-110) or 64 (the others) with bfloat16 autocast, the CNNs
-channels_last; it writes one JSON per model into `--json-dir`.
+channels_last on both (their faster layout there; the ViT has no convolutions to speak of);
+it writes one JSON per model into `--json-dir`.
 
     python benchmarks/speed.py --model resnet110 --n-exits 10 --batch-sizes 256 --threads 2
     python benchmarks/speed.py --batch-sizes 1 4 16 64 256 --pattern uniform --json speed.json
@@ -122,7 +123,7 @@ class PresetModel:
     n_exits: int
     num_classes: int
     input_size: tuple[int, int, int] | None
-    cnn: bool  # channels_last on CUDA
+    cnn: bool  # channels_last, the faster layout for CNNs on both devices
     batch_size: dict[str, int]  # device type -> batch size
 
 
@@ -1204,7 +1205,7 @@ def preset_args(
             "samples": args.samples or PRESET_BATCHES[device.type] * batch,
             "amp": cuda,
             "amp_dtype": "bfloat16" if cuda else None,
-            "channels_last": cuda and entry.cnn,
+            "channels_last": entry.cnn,
             "reference": False,
             "profile_stages": False,
         }

@@ -178,7 +178,8 @@ def test_speed_preset_runs_each_model_with_its_settings(script, tmp_path, monkey
     on_cpu = speed.preset_args(args, resnet50, torch.device("cpu"))
     assert on_cpu.batch_sizes == [16] and on_cpu.samples == 16 * 16
     assert on_cpu.input_size == [3, 224, 224] and on_cpu.num_classes == 1000
-    assert not on_cpu.amp and not on_cpu.channels_last and on_cpu.pattern == "uniform"
+    assert not on_cpu.amp and on_cpu.channels_last and on_cpu.pattern == "uniform"
+    assert not speed.preset_args(args, deit, torch.device("cpu")).channels_last
     on_cuda = speed.preset_args(args, resnet110, torch.device("cuda"))
     assert on_cuda.batch_sizes == [256] and on_cuda.samples == 32 * 256
     assert on_cuda.amp and on_cuda.amp_dtype == "bfloat16" and not on_cuda.reference
