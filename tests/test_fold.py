@@ -10,15 +10,7 @@ from torch import fx, nn
 import earlyexit
 from earlyexit.fx._fold import FoldedConvBN, fold_batchnorm
 
-
-def _randomize(bn: nn.modules.batchnorm._BatchNorm, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    n = bn.num_features
-    bn.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-    bn.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-    if bn.weight is not None:
-        bn.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-        bn.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+from toy_models import randomize_norms
 
 
 class ConvBN(nn.Module):
@@ -29,7 +21,7 @@ class ConvBN(nn.Module):
         self.conv = conv(3, 8, 3, padding=1, bias=bias)
         self.bn = norm(8, affine=affine)
         self.act = nn.ReLU()
-        _randomize(self.bn)
+        randomize_norms(self.bn)
 
     def forward(self, x):
         return self.act(self.bn(self.conv(x)))
@@ -42,7 +34,7 @@ class ReadTwice(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.bn = nn.BatchNorm2d(8)
-        _randomize(self.bn)
+        randomize_norms(self.bn)
 
     def forward(self, x):
         y = self.conv(x)
@@ -160,9 +152,7 @@ def test_early_exit_follows_weights_changed_after_inference():
     x = torch.randn(4, 3, 32, 32)
     with torch.inference_mode():
         net.early_exit(x)
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            _randomize(m, seed=3)
+    randomize_norms(net, seed=3)
     with torch.inference_mode():
         result = net.early_exit(x, threshold=2.0)
         torch.testing.assert_close(result.logits, net.forward_all(x).logits[-1])
@@ -171,9 +161,7 @@ def test_early_exit_follows_weights_changed_after_inference():
 def test_folding_can_be_turned_off_for_bit_exact_inference():
     torch.manual_seed(0)
     model = timm.create_model("resnet20", num_classes=10, zero_init_last=False).eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            _randomize(m)
+    randomize_norms(model)
     net = earlyexit.convert(model, n_exits=2).eval()
     x = torch.randn(4, 3, 32, 32)
     assert net.fold_batchnorm is True

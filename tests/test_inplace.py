@@ -17,6 +17,8 @@ from torch import fx, nn
 import earlyexit
 from earlyexit.fx._inplace import add_, relu_, rewrite_inplace
 
+from toy_models import randomize_norms
+
 
 def _rewritten(gm: fx.GraphModule) -> list[str]:
     """The names of the in-place helpers a rewritten graph calls."""
@@ -171,21 +173,8 @@ def _net(name: str) -> tuple[nn.Module, earlyexit.EarlyExitNet]:
     torch.manual_seed(0)
     kwargs = {"zero_init_last": False} if name == "resnet20" else {}
     model = timm.create_model(name, num_classes=7, **kwargs).eval()
-    _perturb_norms(model)
+    randomize_norms(model, seed=1)
     return model, earlyexit.convert(model, n_exits=3, dist="linear").eval()
-
-
-def _perturb_norms(model: nn.Module) -> None:
-    """Give every batch norm statistics and an affine map that are not the identity."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            if m.weight is not None:
-                m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
 
 
 @pytest.mark.parametrize("name", _ZOO)

@@ -60,3 +60,17 @@ def spread_confidences(net, x: torch.Tensor) -> None:
             scale = a.std().clamp_min(1e-12) / 1.5
             head.confidence.bias.copy_((head.confidence.bias - a.mean()) / scale)
             head.confidence.weight.div_(scale)
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> None:
+    """Give every batch norm statistics and an affine map that are not the identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.rand(n, generator=g) - 0.5)

@@ -24,7 +24,7 @@ import copy
 import torch
 from torch import fx, nn
 
-__all__ = ["FoldedConvBN", "fold_batchnorm"]
+__all__ = ["FoldedConvBN", "copy_stage", "fold_batchnorm"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -141,6 +141,13 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     )
 
 
+def copy_stage(stage: fx.GraphModule) -> fx.GraphModule:
+    """A new `GraphModule` with a copy of the stage's graph, sharing its modules and mode."""
+    gm = fx.GraphModule(stage, copy.deepcopy(stage.graph), class_name=type(stage).__name__)
+    gm.training = stage.training
+    return gm
+
+
 def fold_batchnorm(stage: fx.GraphModule) -> fx.GraphModule:
     """A copy of an eval-mode stage in which each conv → batch norm pair is one `FoldedConvBN`.
 
@@ -153,9 +160,7 @@ def fold_batchnorm(stage: fx.GraphModule) -> fx.GraphModule:
     Returns:
         The rewritten stage (a new `GraphModule`, also when nothing could be folded).
     """
-    graph = copy.deepcopy(stage.graph)
-    gm = fx.GraphModule(stage, graph, class_name=type(stage).__name__)
-    gm.training = stage.training
+    gm = copy_stage(stage)
     changed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:

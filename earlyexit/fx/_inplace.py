@@ -24,7 +24,6 @@ written.
 
 from __future__ import annotations
 
-import copy
 import operator
 from collections.abc import Callable
 
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from earlyexit.fx._fold import FoldedConvBN
+from earlyexit.fx._fold import FoldedConvBN, copy_stage
 
 __all__ = ["rewrite_inplace"]
 
@@ -246,9 +245,7 @@ def rewrite_inplace(stage: fx.GraphModule) -> fx.GraphModule:
     Returns:
         The rewritten stage (a new `GraphModule`, also when nothing could be rewritten).
     """
-    graph = copy.deepcopy(stage.graph)
-    gm = fx.GraphModule(stage, graph, class_name=type(stage).__name__)
-    gm.training = stage.training
+    gm = copy_stage(stage)
     if _Rewriter(gm).run():
         gm.recompile()
     return gm
