@@ -22,6 +22,9 @@ A variant is a comma-separated list of `key=value` (unknown keys are an error):
     zi=0|1                    zero_init_last of the CIFAR ResNets (default 0, the models' default)
     cw=32|c                   conv heads' width: 32 = the library's (`conv_width`, at least 32),
                               c = the earlier min(C, max(32, C/4)), never wider than the feature
+    conf=right|harmless       what `"exits"`' confidence predicts: right = the library's, "this
+                              exit is right"; harmless = "leaving here costs nothing": this
+                              exit is right or the final exit is wrong
 
 Settings (MNIST from `--data-dir`, torchvision's layout; digits from scikit-learn):
 
@@ -132,7 +135,7 @@ DEFAULT_VARIANTS = (
 
 BUDGETS = (0.5, 0.6, 0.7)
 THRESHOLDS = np.concatenate([np.linspace(0.0, 1.0, 401), [1.01]]).astype(np.float32)
-KEYS = {"loss", "head", "w", "kd", "q", "gs", "zi", "cw"}
+KEYS = {"loss", "head", "w", "kd", "q", "gs", "zi", "cw", "conf"}
 TEST_SAMPLES = 5000
 _PLAIN: dict[tuple[str, int, bool], float] = {}  # plain accuracy per (setting, seed, init)
 
@@ -162,6 +165,8 @@ def parse_variant(text: str) -> dict[str, str]:
         key, _, value = part.partition("=")
         if key not in KEYS or not value:
             raise SystemExit(f"error: bad variant item {part!r}; keys are {sorted(KEYS)}")
+        if key == "conf" and value not in CONFIDENCE_LABELS:
+            raise SystemExit(f"error: bad variant item {part!r}; conf is right or harmless")
         spec[key] = value
     return spec
 
@@ -174,6 +179,18 @@ def _data(setting: dict, data_dir: str, seed: int) -> tuple[TensorDataset, Tenso
     if setting["train"] is not None:
         train = Subset(train, torch.randperm(len(train), generator=generator)[: setting["train"]])
     return train, Subset(test, range(TEST_SAMPLES))
+
+
+def _harmless_labels(log_probs, final_log_probs, labels):
+    """1 where leaving at the exit costs no accuracy: it is right, or the final exit is wrong."""
+    right = log_probs.detach().argmax(dim=1) == labels
+    return right | (final_log_probs.detach().argmax(dim=1) != labels)
+
+
+CONFIDENCE_LABELS = {
+    "right": earlyexit.loss._confidence_labels,
+    "harmless": _harmless_labels,
+}
 
 
 def _narrow_width(channels: int) -> int:
@@ -298,7 +315,9 @@ def run_one(name: str, variant: str, seed: int, data_dir: str, progress: bool) -
     if "q" in spec:
         options["exit_precision"] = float(spec["q"])
     criterion = earlyexit.EENetLoss(lam=1.0, version=spec["loss"], **options)
-    _fit(net, criterion, train, setting, seed, progress)
+    labels = CONFIDENCE_LABELS[spec.get("conf", "right")]
+    with mock.patch.object(earlyexit.loss, "_confidence_labels", labels):
+        _fit(net, criterion, train, setting, seed, progress)
     caches, right = _caches(net, test)
     best, curves = {}, {}
     for kind, cache in caches.items():

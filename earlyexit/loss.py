@@ -111,6 +111,15 @@ def _soft_costs(confidence_logits: list[Tensor], costs: Tensor) -> list[Tensor]:
     return soft
 
 
+def _confidence_labels(log_probs: Tensor, final_log_probs: Tensor, labels: Tensor) -> Tensor:
+    """What an early exit's confidence learns to predict: 1 where the exit is right.
+
+    (`benchmarks/recipe.py` swaps in other targets to measure them, e.g. "leaving costs
+    nothing": the exit is right or the final exit is wrong.)
+    """
+    return log_probs.detach().argmax(dim=1) == labels
+
+
 def _exits_loss(
     log_probs: list[Tensor],
     logits: list[Tensor],
@@ -137,7 +146,7 @@ def _exits_loss(
             term = (1.0 - alpha) * term + alpha * kl
         # h = sigmoid(a) is trained so that sigmoid(a + logit q) estimates P(exit right):
         # h >= 0.5 exactly when the exit expects to be right with probability >= q.
-        right = (p.detach().argmax(dim=1) == labels).to(p.dtype)
+        right = _confidence_labels(p, log_probs[-1], labels).to(p.dtype)
         bce = F.binary_cross_entropy_with_logits(a + offset, right)
         early.append(weight * term + bce)
     if early:

@@ -143,8 +143,9 @@ class EarlyExitNet(nn.Module):
         in `early_exit`, `predict` and the CUDA-graph runner, which saves a pass over the
         activation (about 15 % of a CIFAR ResNet's CPU time). The results then equal
         `forward_all`'s, and the original model's, up to float rounding (about 1e-6
-        relative). Set it to False for inference that is the original model bit for bit
-        (with early exits off); training, `forward_all` and export never fold.
+        relative), and the folded weights are a second copy of the convolutions' weights. Set
+        it to False for inference that is the original model bit for bit (with early exits
+        off); training, `forward_all` and export never fold.
         """
         return self.staged.fold_batchnorm
 

@@ -11,6 +11,7 @@ from types import ModuleType
 import pytest
 import torch
 
+import earlyexit
 from earlyexit.cuda_graphs import _eager
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -213,3 +214,36 @@ def test_speed_folds_the_baseline_s_norms_or_says_why_not(script):
     model = DataDependent()
     same, why_not = speed.fold_original(model)
     assert same is model and "could not trace" in why_not
+
+
+def test_recipe_variants_and_its_confidence_targets(script, monkeypatch):
+    recipe = script("recipe")
+    spec = recipe.parse_variant("conf=harmless,gs=0.1")
+    assert spec == {"loss": "exits", "head": "conv", "zi": "0", "conf": "harmless", "gs": "0.1"}
+    with pytest.raises(SystemExit, match="conf is right or harmless"):
+        recipe.parse_variant("conf=maybe")
+    with pytest.raises(SystemExit, match="keys are"):
+        recipe.parse_variant("nope=1")
+    labels = torch.tensor([0, 1, 2, 3])
+    exit_says = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 1]), 4).float().log()
+    final_says = torch.nn.functional.one_hot(torch.tensor([0, 1, 0, 2]), 4).float().log()
+    right = earlyexit.loss._confidence_labels(exit_says, final_says, labels)
+    assert right.tolist() == [True, False, False, False]
+    harmless = recipe._harmless_labels(exit_says, final_says, labels)
+    assert harmless.tolist() == [True, False, True, True]  # the final exit is wrong on 2 and 3
+    # The loss takes its targets from the seam that the benchmark swaps.
+    calls = []
+
+    def counting(*args):
+        calls.append(args)
+        return recipe._harmless_labels(*args)
+
+    monkeypatch.setattr(earlyexit.loss, "_confidence_labels", counting)
+    torch.manual_seed(0)
+    outputs = earlyexit.ExitOutputs(
+        logits=[torch.randn(4, 4) for _ in range(3)],
+        confidence_logits=[torch.randn(4) for _ in range(2)],
+        costs=torch.tensor([0.3, 0.6, 1.0]),
+    )
+    earlyexit.EENetLoss()(outputs, labels)
+    assert len(calls) == 2  # one per early exit
