@@ -286,17 +286,7 @@ class GraphedEarlyExit:
             CudaGraphError: the net's parameters moved since the capture.
         """
         net = self.net
-        if net.training:
-            raise ValueError(
-                "Expected `net` in eval mode, got it in train mode (the graphs run the "
-                "eval-mode stages). Hint: call `net.eval()` first."
-            )
-        if next(net.parameters()).data_ptr() != self._data_ptr:
-            raise CudaGraphError(
-                "The net's parameters moved (`.to()`, `.cuda()`, `.half()`) since its CUDA "
-                "graphs were captured; the graphs would read the old memory. Hint: capture "
-                "again with `earlyexit.capture_cuda_graphs`."
-            )
+        self._prepare()
         if tuple(x.shape[1:]) != net.input_size:
             raise ValueError(
                 f"Expected `x` of shape (B, {', '.join(map(str, net.input_size))}) "
@@ -306,8 +296,28 @@ class GraphedEarlyExit:
         t = net.threshold if threshold is None else check_threshold(threshold)
         self._steps.set_threshold(t)
         with torch.no_grad():
-            self._steps.refresh()
             return self._early_exit(x)
+
+    def _prepare(self) -> None:
+        """Check that the graphs can run the net as it is now, and fold changed weights again.
+
+        Raises:
+            ValueError: the net is in train mode.
+            CudaGraphError: the net's parameters moved since the capture.
+        """
+        if self.net.training:
+            raise ValueError(
+                "Expected `net` in eval mode, got it in train mode (the graphs run the "
+                "eval-mode stages). Hint: call `net.eval()` first."
+            )
+        if next(self.net.parameters()).data_ptr() != self._data_ptr:
+            raise CudaGraphError(
+                "The net's parameters moved (`.to()`, `.cuda()`, `.half()`) since its CUDA "
+                "graphs were captured; the graphs would read the old memory. Hint: capture "
+                "again with `earlyexit.capture_cuda_graphs`."
+            )
+        with torch.no_grad():
+            self._steps.refresh()
 
     def _early_exit(self, x: torch.Tensor) -> EarlyExitResult:
         n_exits = len(self._steps.heads)

@@ -231,6 +231,24 @@ def _process_group() -> tuple[int, int]:
     return 0, 1
 
 
+def _graphs_for(
+    net: EarlyExitNet, cuda_graphs: bool | GraphedEarlyExit, size: int
+) -> GraphedEarlyExit | None:
+    """The graphs `predict` runs at batch `size`: captured now, given, or none (eager)."""
+    if not isinstance(cuda_graphs, GraphedEarlyExit):
+        return capture_cuda_graphs(net, (size,)) if cuda_graphs else None
+    largest = max(cuda_graphs.batch_sizes)
+    if size > largest:
+        raise ValueError(
+            f"Expected a `batch_size` the given CUDA graphs hold, at most {largest} (they "
+            f"were captured at {list(cuda_graphs.batch_sizes)}), got {size}. Hint: capture "
+            f"them with `earlyexit.capture_cuda_graphs(net, {size})`, or pass a smaller "
+            "`batch_size`."
+        )
+    cuda_graphs._prepare()
+    return cuda_graphs
+
+
 def _predict_shard(
     net: EarlyExitNet,
     data: Iterable[Any],
@@ -240,7 +258,7 @@ def _predict_shard(
     progress: bool,
     rank: int,
     world: int,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool | GraphedEarlyExit = False,
 ) -> tuple[EarlyExitResult, torch.Tensor | None, int]:
     """This rank's share of the stream: its results, its targets, and the stream's length."""
     input_size = tuple(net.input_size)
@@ -268,7 +286,7 @@ def _predict_shard(
                     continue
                 if pipeline is None:
                     size = batch_size or x.shape[0]
-                    graphs = capture_cuda_graphs(net, (size,)) if cuda_graphs else None
+                    graphs = _graphs_for(net, cuda_graphs, size)
                     pipeline = _Pipeline(
                         net._inference_stages(), net._exit_heads(), threshold, size, graphs
                     )
@@ -323,7 +341,7 @@ def predict(
     threshold: float | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool | GraphedEarlyExit = False,
 ) -> Prediction:
     """Early-exit inference over a stream of batches, with every stage run at a full batch.
 
@@ -353,9 +371,12 @@ def predict(
             None.
         progress: show a progress bar over the input batches (only when stderr is a terminal,
             and only on rank 0).
-        cuda_graphs: run each stage, with its exit, as a CUDA graph captured at `batch_size`
-            (see `earlyexit.capture_cuda_graphs`); partial batches are padded to it. Needs
-            the net on a CUDA device.
+        cuda_graphs: True: run each stage, with its exit, as a CUDA graph captured for this
+            call at `batch_size` (see `earlyexit.capture_cuda_graphs`); partial batches are
+            padded to it. Needs the net on a CUDA device. Or the runner that
+            `earlyexit.capture_cuda_graphs(net, sizes)` returned, to reuse its graphs over
+            many calls without capturing again: `batch_size` must be at most its largest
+            size, and a partial batch runs at the smallest captured size that holds it.
 
     Returns:
         A `Prediction`: logits, exit indices and costs of all the samples in input order, on
@@ -365,9 +386,11 @@ def predict(
         TypeError: `net` is not an `EarlyExitNet`, `data` is a single tensor, a batch is not
             a floating-point tensor or a pair, or `batch_size` is not an int.
         ValueError: the net is in train mode, `data` holds no samples, a batch has the wrong
-            shape, or `batch_size` or `threshold` is out of range.
+            shape, `batch_size` or `threshold` is out of range, or the given CUDA graphs are
+            another net's or too small for `batch_size`.
         EarlyExitError: with `cuda_graphs=True`, the net is not on a CUDA device or a stage
-            cannot be captured (`earlyexit.capture_cuda_graphs` says which).
+            cannot be captured (`earlyexit.capture_cuda_graphs` says which); with a runner,
+            the net's parameters moved since its capture.
 
     Example:
         >>> import timm, torch, earlyexit
@@ -387,8 +410,17 @@ def predict(
             "`[x]` for one batch, or `x.split(64)` for batches of 64."
         )
     _check_batch_size(batch_size)
-    if not isinstance(cuda_graphs, bool):
-        raise TypeError(f"Expected `cuda_graphs` to be a bool, got {cuda_graphs!r}.")
+    if isinstance(cuda_graphs, GraphedEarlyExit):
+        if cuda_graphs.net is not net:
+            raise ValueError(
+                "Expected CUDA graphs captured from `net`, got graphs of another net. Hint: "
+                "pass `earlyexit.capture_cuda_graphs(net, batch_size)` for this net."
+            )
+    elif not isinstance(cuda_graphs, bool):
+        raise TypeError(
+            "Expected `cuda_graphs` to be a bool or the runner of "
+            f"`earlyexit.capture_cuda_graphs`, got {cuda_graphs!r}."
+        )
     t = net.threshold if threshold is None else check_threshold(threshold)
     device = torch.device(device) if device is not None else next(net.parameters()).device
     rank, world = _process_group()

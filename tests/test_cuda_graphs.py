@@ -219,6 +219,35 @@ def test_predict_with_padded_steps_keeps_order_and_one_batch_size(
     assert {size for sizes in runs for size in sizes} == {batch_size}
 
 
+@pytest.mark.parametrize("steps", sorted(STEPS))
+def test_predict_reuses_given_graphs_over_calls(net, pool, alone, monkeypatch, steps):
+    runner = STEPS[steps](net, 16)  # sizes 1, 2, 4, 8, 16
+    captures = []
+    monkeypatch.setattr(earlyexit.stream, "capture_cuda_graphs", lambda *a: captures.append(a))
+    order = torch.randperm(POOL, generator=torch.Generator().manual_seed(4))
+    for batch_size in (16, 8):  # any batch size the runner holds
+        pred = earlyexit.predict(
+            net, pool[order].split(12), batch_size=batch_size, cuda_graphs=runner
+        )
+        _check(pred.result, alone, order)
+    assert captures == []  # nothing captured again
+
+
+def test_given_graphs_must_fit_the_net_and_the_batch(net, pool):
+    runner = _eager(net, 8)
+    with pytest.raises(ValueError, match=r"at most 8 .*Hint: capture them"):
+        earlyexit.predict(net, pool.split(16), batch_size=16, cuda_graphs=runner)
+    torch.manual_seed(0)
+    other = earlyexit.convert(timm.create_model("resnet20"), n_exits=3).eval()
+    with pytest.raises(ValueError, match="graphs of another net"):
+        earlyexit.predict(other, pool.split(8), cuda_graphs=runner)
+    toy = _toy()
+    moved = _eager(toy, 4)
+    toy.double()
+    with pytest.raises(CudaGraphError, match="parameters moved"):
+        earlyexit.predict(toy, [torch.randn(3, 3, 16, 16).double()], cuda_graphs=moved)
+
+
 def test_cpu_net_is_a_clear_error(net, pool):
     for call in (
         lambda: capture_cuda_graphs(net, 8),
@@ -231,7 +260,7 @@ def test_cpu_net_is_a_clear_error(net, pool):
 
 
 def test_bad_arguments_are_clear_errors(net, pool):
-    with pytest.raises(TypeError, match="cuda_graphs"):
+    with pytest.raises(TypeError, match="`cuda_graphs` to be a bool or the runner"):
         earlyexit.predict(net, pool.split(8), cuda_graphs="yes")
     with pytest.raises(TypeError, match="EarlyExitNet"):
         capture_cuda_graphs(net.backbone, 8)
