@@ -142,7 +142,9 @@ class _Steps:
     def refresh(self) -> None:
         """Fold the batch norms again where a weight or statistic changed since the last run."""
         for module in self.folded:
-            module.folded()
+            key = module.source_key()
+            if key is not None:
+                module.folded(key)
 
     def set_threshold(self, threshold: float) -> None:
         if threshold != self.threshold_value:

@@ -143,9 +143,12 @@ class EarlyExitNet(nn.Module):
         in `early_exit`, `predict` and the CUDA-graph runner, which saves a pass over the
         activation (about 15 % of a CIFAR ResNet's CPU time). The results then equal
         `forward_all`'s, and the original model's, up to float rounding (about 1e-6
-        relative), and the folded weights are a second copy of the convolutions' weights. Set
-        it to False for inference that is the original model bit for bit (with early exits
-        off); training, `forward_all` and export never fold.
+        relative), and the folded weights are a second copy of the convolutions' weights.
+        They are made again when a weight, statistic or `eps` changes in a way PyTorch tracks,
+        and at every `net.eval()` / `net.train()`; after an in-place edit through `.data`,
+        which no version counter sees, call `net.eval()`. Set it to False for inference that
+        is the original model bit for bit (with early exits off); training, `forward_all`
+        and export never fold.
         """
         return self.staged.fold_batchnorm
 

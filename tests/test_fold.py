@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 from torch import fx, nn
+from torch.nn.utils import prune
 
 import earlyexit
 from earlyexit.fx._fold import FoldedConvBN, fold_batchnorm
@@ -178,3 +179,48 @@ def test_folding_can_be_turned_off_for_bit_exact_inference():
     assert net.staged.inference_stages()[0] is not folded_stages[0]  # made again
     with pytest.raises(TypeError, match="`fold_batchnorm` to be a bool"):
         net.fold_batchnorm = "yes"
+
+
+def _resnet() -> earlyexit.EarlyExitNet:
+    torch.manual_seed(0)
+    model = timm.create_model("resnet20", num_classes=10, zero_init_last=False)
+    randomize_norms(model)
+    return earlyexit.convert(model, n_exits=2).eval()
+
+
+def _agrees(net: earlyexit.EarlyExitNet, x: torch.Tensor) -> bool:
+    with torch.no_grad():
+        fast = net.early_exit(x, threshold=2.0).logits
+        full = net.forward_all(x).logits[-1]
+    return torch.allclose(fast, full, rtol=1e-4, atol=1e-4)
+
+
+def test_changes_no_version_counter_sees_are_folded_again():
+    net, x = _resnet(), torch.randn(4, 3, 32, 32)
+    assert _agrees(net, x)
+    first_bn = next(m for m in net.backbone.modules() if isinstance(m, nn.BatchNorm2d))
+    first_bn.eps = 0.5  # a plain attribute
+    assert _agrees(net, x)
+    net.train()  # a recalibration pass: running statistics move without a version bump
+    with torch.no_grad():
+        net.forward_all(3 * torch.randn(8, 3, 32, 32) + 1)
+    net.eval()
+    assert _agrees(net, x)
+    with torch.no_grad():  # an edit through `.data` is invisible to the version counters...
+        for p in net.backbone.parameters():
+            p.data.mul_(0.9)
+    net.eval()  # ...and switching the mode (again) folds everything anew
+    assert _agrees(net, x)
+
+
+def test_hooked_pruned_or_inference_weights_run_unfolded():
+    net, x = _resnet(), torch.randn(4, 3, 32, 32)
+    convs = [m for m in net.backbone.modules() if isinstance(m, nn.Conv2d)]
+    handle = convs[3].register_forward_pre_hook(lambda m, args: (2 * args[0],))
+    assert _agrees(net, x)  # the hook runs in both
+    handle.remove()
+    prune.l1_unstructured(convs[5], "weight", amount=0.5)
+    assert _agrees(net, x)  # the pruned weight is recomputed by a hook: not folded
+    with torch.inference_mode():
+        made_there = _resnet()
+    assert _agrees(made_there, x)  # inference tensors track no versions: not folded

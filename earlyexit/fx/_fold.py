@@ -11,10 +11,14 @@ CPU time.
 pair (exactly these classes, the convolution's output read by nothing else) runs as one
 `FoldedConvBN`. The folded weights are made from the modules' own parameters and running
 statistics the first time they are needed, and made again, in the same tensors, whenever one
-of them has changed since (an optimizer step, `load_state_dict`): the tensors' version
-counters and storage say so. With autograd on, or a batch norm in train mode, the pair runs
-as it is written. The results equal the unfolded stage's up to rounding (the products are
-formed in a different order).
+of them has changed since in a way PyTorch tracks (an optimizer step, `load_state_dict`: the
+tensors' version counters and storage say so; the norm's `eps`; its batch count, which moves
+when train mode updates the statistics without a version bump), or when `invalidate` is
+called (`StagedGraph.train` does, at every mode switch). An in-place edit through `.data` is
+invisible to all of these until the next mode switch. With autograd on, a batch norm in train
+mode, a forward hook on either module, a weight recomputed by a hook (pruning) or inference
+tensors, the pair runs as it is written. The results equal the unfolded stage's up to
+rounding (the products are formed in a different order).
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def _state(t: torch.Tensor | None) -> tuple[int, int] | None:
-    return None if t is None else (t._version, t.data_ptr())
+# The hooks registered for every module (`register_module_forward_hook`), mutated in place.
+_GLOBAL_PRE_HOOKS = nn.modules.module._global_forward_pre_hooks
+_GLOBAL_HOOKS = nn.modules.module._global_forward_hooks
 
 
 class FoldedConvBN(nn.Module):
@@ -53,13 +58,36 @@ class FoldedConvBN(nn.Module):
         self._weight: torch.Tensor | None = None
         self._bias: torch.Tensor | None = None
 
-    def _key_now(self) -> tuple:
-        """What the folded tensors were made from: each source's version counter and storage.
+    def source_key(self) -> tuple | None:
+        """What folded tensors would be made from now, or None where the pair must run unfolded.
 
-        Read straight from the modules' tables: it runs before every folded convolution.
+        The key holds each source's version counter and storage, the norm's `eps` and its
+        batch count (a norm in train mode updates its statistics without a version bump, but
+        counts the batch). None: a forward hook on either module (or on every module), a
+        `forward` replaced on the instance, a weight recomputed by a hook (pruning, the old
+        `weight_norm`), or inference tensors, whose changes no counter tracks. It runs before
+        every folded convolution, so it reads the modules' tables directly.
         """
-        cp, bp, bb = self.conv._parameters, self.bn._parameters, self.bn._buffers
-        w, mean, var = cp["weight"], bb["running_mean"], bb["running_var"]
+        conv, bn = self.conv, self.bn
+        cp, bb = conv._parameters, bn._buffers
+        w, var = cp.get("weight"), bb.get("running_var")
+        if (
+            w is None
+            or var is None
+            or conv._forward_pre_hooks
+            or conv._forward_hooks
+            or bn._forward_pre_hooks
+            or bn._forward_hooks
+            or _GLOBAL_PRE_HOOKS
+            or _GLOBAL_HOOKS
+            or "forward" in conv.__dict__
+            or "forward" in bn.__dict__
+            or w.is_inference()
+            or var.is_inference()
+        ):
+            return None
+        bp, mean, count = bn._parameters, bb["running_mean"], bb.get("num_batches_tracked")
+        bias, gamma, beta = cp.get("bias"), bp.get("weight"), bp.get("bias")
         return (
             w._version,
             w.data_ptr(),
@@ -67,14 +95,24 @@ class FoldedConvBN(nn.Module):
             mean.data_ptr(),
             var._version,
             var.data_ptr(),
-            _state(cp.get("bias")),
-            _state(bp.get("weight")),
-            _state(bp.get("bias")),
+            bn.eps,
+            None if count is None else count._version,
+            None if bias is None else (bias._version, bias.data_ptr()),
+            None if gamma is None else (gamma._version, gamma.data_ptr()),
+            None if beta is None else (beta._version, beta.data_ptr()),
         )
 
-    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The folded weight and bias, made again (in the same tensors) if a source changed."""
-        key = self._key_now()
+    def invalidate(self) -> None:
+        """Fold again, into the same tensors, at the next use (whatever the version counters)."""
+        self._key = None
+
+    def folded(self, key: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The folded weight and bias, made again (in the same tensors) if a source changed.
+
+        Args:
+            key: `source_key()`, when the caller has it already.
+        """
+        key = self.source_key() if key is None else key
         if key != self._key or self._weight is None or self._bias is None:
             weight, bias = self._fold()
             if self._weight is not None and self._bias is not None and _same(self._weight, weight):
@@ -107,9 +145,10 @@ class FoldedConvBN(nn.Module):
         return weight.to(w.dtype).contiguous(memory_format=layout), bias.to(w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bn.training or torch.is_grad_enabled():
+        key = None if self.bn.training or torch.is_grad_enabled() else self.source_key()
+        if key is None:
             return self.bn(self.conv(x))
-        weight, bias = self.folded()
+        weight, bias = self.folded(key)
         return self.conv._conv_forward(x, weight, bias)
 
 

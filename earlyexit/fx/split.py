@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from earlyexit.errors import TraceError
+from earlyexit.fx._fold import FoldedConvBN
 from earlyexit.fx._fold import fold_batchnorm as fold_stage
 from earlyexit.fx._inplace import rewrite_inplace
 from earlyexit.fx._ops import has_effect, is_size_source
@@ -116,6 +117,19 @@ class StagedGraph(nn.Module):
             mode: tuple(torch.compile(s, **kwargs) for s in chain)
             for mode, chain in self._stages.items()
         }
+        return self
+
+    def train(self, mode: bool = True) -> StagedGraph:
+        """Set the mode, and have the inference stages fold their batch norms again.
+
+        Whatever changed the weights in between (a fused optimizer, an edit through `.data`)
+        is then seen, even where no version counter says so.
+        """
+        super().train(mode)
+        for stage in self._inference or ():
+            for module in stage.modules():
+                if isinstance(module, FoldedConvBN):
+                    module.invalidate()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
