@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from earlyexit.errors import EarlyExitError
-from earlyexit.fx._fold import FoldedConvBN
+from earlyexit.fx._fold import folded_pairs
 from earlyexit.inference import ExitSplit, _select, check_threshold, exit_mask, record_exit
 from earlyexit.model import EarlyExitNet, check_eval_net
 from earlyexit.outputs import EarlyExitResult
@@ -121,7 +121,7 @@ class _Steps:
         self.batch_sizes = batch_sizes
         # A graph reads the folded weights it was captured with; `refresh` folds them again
         # (in the same tensors) where the net's weights changed since.
-        self.folded = [m for s in self.stages for m in s.modules() if isinstance(m, FoldedConvBN)]
+        self.folded = folded_pairs(self.stages)
         param = next(net.parameters())
         # Ordinary tensors, though `predict` builds the steps under inference mode: the caller
         # writes into them, in whatever mode it runs.

@@ -9,7 +9,7 @@ from torch import fx, nn
 from torch.nn.utils import prune
 
 import earlyexit
-from earlyexit.fx._fold import FoldedConvBN, fold_batchnorm
+from earlyexit.fx._fold import FoldedConvBN, fold_batchnorm, folded_pairs
 
 from toy_models import randomize_norms
 
@@ -43,7 +43,7 @@ class ReadTwice(nn.Module):
 
 
 def _folded(gm: nn.Module) -> list[FoldedConvBN]:
-    return [m for m in gm.modules() if isinstance(m, FoldedConvBN)]
+    return folded_pairs([gm])
 
 
 def _fold(module: nn.Module) -> fx.GraphModule:

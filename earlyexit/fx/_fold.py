@@ -24,11 +24,12 @@ rounding (the products are formed in a different order).
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 import torch
 from torch import fx, nn
 
-__all__ = ["FoldedConvBN", "copy_stage", "fold_batchnorm"]
+__all__ = ["FoldedConvBN", "copy_stage", "fold_batchnorm", "folded_pairs"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -113,9 +114,9 @@ class FoldedConvBN(nn.Module):
             key: `source_key()`, when the caller has it already.
         """
         key = self.source_key() if key is None else key
-        if key != self._key or self._weight is None or self._bias is None:
+        if self._weight is None or key != self._key:
             weight, bias = self._fold()
-            if self._weight is not None and self._bias is not None and _same(self._weight, weight):
+            if self._weight is not None and _same(self._weight, weight):
                 # Write into the tensors already handed out: a captured CUDA graph reads them.
                 self._weight.copy_(weight)
                 self._bias.copy_(bias)
@@ -125,24 +126,21 @@ class FoldedConvBN(nn.Module):
         return self._weight, self._bias
 
     def _fold(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # Normal tensors even under `inference_mode`: they are written again in place later.
-        with torch.inference_mode(False), torch.no_grad():
-            return self._fold_now()
-
-    def _fold_now(self) -> tuple[torch.Tensor, torch.Tensor]:
         conv, bn = self.conv, self.bn
         w = conv.weight
         dtype = torch.promote_types(w.dtype, torch.float32)  # fold in at least float32
-        scale = (bn.running_var.to(dtype) + bn.eps).rsqrt()
-        if bn.weight is not None:
-            scale = scale * bn.weight.to(dtype)
-        mean = bn.running_mean.to(dtype)
-        bias = -mean * scale if conv.bias is None else (conv.bias.to(dtype) - mean) * scale
-        if bn.bias is not None:
-            bias = bias + bn.bias.to(dtype)
-        weight = w.to(dtype) * scale.reshape(-1, *([1] * (w.ndim - 1)))
-        layout = _memory_format(w)
-        return weight.to(w.dtype).contiguous(memory_format=layout), bias.to(w.dtype)
+        # Normal tensors even under `inference_mode`: they are written again in place later.
+        with torch.inference_mode(False), torch.no_grad():
+            scale = (bn.running_var.to(dtype) + bn.eps).rsqrt()
+            if bn.weight is not None:
+                scale = scale * bn.weight.to(dtype)
+            mean = bn.running_mean.to(dtype)
+            bias = -mean * scale if conv.bias is None else (conv.bias.to(dtype) - mean) * scale
+            if bn.bias is not None:
+                bias = bias + bn.bias.to(dtype)
+            # Elementwise with the weight first: the product keeps its layout (channels_last).
+            weight = w.to(dtype) * scale.reshape(-1, *([1] * (w.ndim - 1)))
+            return weight.to(w.dtype), bias.to(w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = None if self.bn.training or torch.is_grad_enabled() else self.source_key()
@@ -152,15 +150,9 @@ class FoldedConvBN(nn.Module):
         return self.conv._conv_forward(x, weight, bias)
 
 
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    """The layout of a convolution weight, for the folded copy."""
-    if t.is_contiguous():
-        return torch.contiguous_format
-    if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
+def folded_pairs(stages: Iterable[nn.Module]) -> list[FoldedConvBN]:
+    """Every `FoldedConvBN` in the given stages, in order."""
+    return [m for stage in stages for m in stage.modules() if isinstance(m, FoldedConvBN)]
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

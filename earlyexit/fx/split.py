@@ -16,8 +16,8 @@ import torch
 from torch import fx, nn
 
 from earlyexit.errors import TraceError
-from earlyexit.fx._fold import FoldedConvBN
 from earlyexit.fx._fold import fold_batchnorm as fold_stage
+from earlyexit.fx._fold import folded_pairs
 from earlyexit.fx._inplace import rewrite_inplace
 from earlyexit.fx._ops import has_effect, is_size_source
 from earlyexit.fx.analysis import CutPoint, GraphAnalysis, ModelAnalysis
@@ -126,10 +126,8 @@ class StagedGraph(nn.Module):
         is then seen, even where no version counter says so.
         """
         super().train(mode)
-        for stage in self._inference or ():
-            for module in stage.modules():
-                if isinstance(module, FoldedConvBN):
-                    module.invalidate()
+        for pair in folded_pairs(self._inference or ()):
+            pair.invalidate()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
