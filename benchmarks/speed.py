@@ -11,14 +11,17 @@ over a range of batch sizes, this measures with `torch.utils.benchmark.Timer`:
   loop, which runs each sample alone and checks `sigmoid(a).item() >= T` after each exit.
 
 And, per method (`--methods`), against the *baseline*, the original model run the best way on
-the device (same autocast and memory format as the other methods): on CPU the faster, in that
-run, of the eager module as it is and the module with its conv → batch norm pairs folded into
+the device (same autocast and memory format as the other methods): on CPU the fastest, in that
+run, of the eager module as it is, the module with its conv → batch norm pairs folded into
 single convolutions (torch's `torch.fx.experimental.optimization.fuse`; the stages that
-inference runs fold theirs too); on CUDA the folded module captured in one CUDA graph at the
-row's batch size. A model torch.fx cannot trace stays unfolded, with a note:
+inference runs fold theirs too), and the folded module run on micro-batches (as inference
+runs the stages, see `EarlyExitNet.micro_batch`); on CUDA the folded module captured in one
+CUDA graph at the row's batch size. A model torch.fx cannot trace stays unfolded, with a note:
 
-- `original`: the eager module as it is; `original_folded`: folded, eager; `original_graphs`
-  (CUDA): the baseline there; `early_exit`: `net.early_exit` on each batch; `early_exit_graphs`: the
+- `original`: the eager module as it is; `original_folded`: folded, eager; `original_micro`
+  (CPU, batches above the net's micro-batch): folded, run on micro-batches of the size that
+  `net.early_exit` uses (`net.resolve_micro_batch`); `original_graphs` (CUDA): the baseline
+  there; `early_exit`: `net.early_exit` on each batch; `early_exit_graphs`: the
   runner of `earlyexit.capture_cuda_graphs(net, batch_size)`; `predict` and `predict_graphs`:
   `earlyexit.predict(net, batches, batch_size=batch_size, cuda_graphs=...)` over the whole
   stream. The graph methods need CUDA (skipped with a note elsewhere, and with `--compile`).
@@ -59,7 +62,9 @@ shared machine, `--clock process` times this process's CPU time instead of the w
 first, which measures the library's own overhead apart from page faults: with glibc's defaults
 activations are page-faulted in afresh, 15-40 % of a CPU forward pass of the original module;
 the stages that inference runs write into their own temporaries where they can
-(`earlyexit/fx/_inplace.py`), so they allocate, and fault, less than the original module.
+(`earlyexit/fx/_inplace.py`), so they allocate, and fault, less than the original module, and on
+the CPU they run a batch above `net.micro_batch` in micro-batches, whose activations stay in
+glibc's heap and in the caches, so they do not fault at all.
 
 `--preset issue` runs ResNet-110 (32×32, 10 pareto exits), timm `resnet50` and
 `deit_small_patch16_224` (224×224, 4 pareto exits each), uniform pattern, at batch 16 on CPU
@@ -110,8 +115,8 @@ NEVER = 2.0  # a threshold above 1: no sample leaves early
 METHODS = ("original", "early_exit", "predict", "early_exit_graphs", "predict_graphs")
 GRAPH_METHODS = ("early_exit_graphs", "predict_graphs")
 #: The order methods are listed in, the baselines (the original with its batch norms folded,
-#: and on CUDA that as one graph) included.
-METHOD_ORDER = ("original_graphs", "original_folded", *METHODS)
+#: on CPU also on micro-batches, and on CUDA as one graph) included.
+METHOD_ORDER = ("original_graphs", "original_micro", "original_folded", *METHODS)
 WIDTH = 100  # the printed tables and notes fit in this many columns
 
 
@@ -334,6 +339,7 @@ class Row:
     head_ms_per_sample: list[float] = field(default_factory=list)  # h_i, full batch
     methods: dict[str, MethodResult] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    micro_batch: int | None = None  # the samples per stage call of CPU inference; None: all
 
     @classmethod
     def from_dict(cls, d: dict) -> Row:
@@ -425,7 +431,21 @@ def create_net(args: argparse.Namespace, device: torch.device) -> earlyexit.Earl
     net = net.eval().to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
+    net.micro_batch = getattr(args, "micro_batch", "auto")
     return net
+
+
+def parse_micro_batch(text: str) -> int | str | None:
+    """`--micro-batch`: "auto", "none" or a positive int."""
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'expected "auto", "none" or a positive int, got {text!r}')
+    return value
 
 
 def synchronize(device: torch.device) -> None:
@@ -494,21 +514,30 @@ def full_batch_pieces(
     repeats: int,
     graphs: bool,
     context: Callable[[], contextlib.AbstractContextManager],
+    micro: int | None = None,
 ) -> dict[str, Callable[[], None]]:
     """Each stage (`stage:i`) and exit head (`head:i`) alone on the full batch `x`, no exits.
 
     The inputs are the outputs of the stage before on `x`. Each function runs its piece
-    `repeats` times (as many as the stream has batches), eagerly or as a CUDA graph.
+    `repeats` times (as many as the stream has batches), eagerly or as a CUDA graph; with
+    `micro`, on micro-batches of that size, as CPU inference runs them.
     """
     stages, heads = net._inference_stages(), net._exit_heads()
     calls: dict[str, Callable[[], object]] = {}
+
+    def each(module: Callable[[torch.Tensor], object], h: torch.Tensor) -> Callable[[], object]:
+        if micro is None or micro >= h.shape[0]:
+            return lambda: module(h)
+        parts = h.split(micro)
+        return lambda: [module(part) for part in parts]
+
     with torch.inference_mode(), context():
         h = x
         for i, stage in enumerate(stages):
-            calls[f"stage:{i}"] = lambda s=stage, h=h: s(h)
+            calls[f"stage:{i}"] = each(stage, h)
             h = stage(h)
             if i < len(heads):
-                calls[f"head:{i}"] = lambda hd=heads[i], h=h: hd(h)
+                calls[f"head:{i}"] = each(heads[i], h)
         if graphs:
             calls = {name: capture_graph(call) for name, call in calls.items()}
 
@@ -690,6 +719,12 @@ def measure(
     }
     if folded:
         fns["original_folded"] = run(best)
+    # On the CPU the library runs large batches in micro-batches (`net.micro_batch`); the
+    # original, run the best way, gets the same.
+    micro = None if graphs else net.resolve_micro_batch(batches[0])
+    if micro is not None and micro < batch_size:
+        fns["original_micro"] = run(lambda b: [best(part) for part in b.split(micro)])
+        notes.append(f"CPU inference ran micro-batches of {micro} (`net.micro_batch`).")
     exits = {"early_exit": exits_of(net.early_exit, eager)}
     setup: dict[str, float] = {}
     if graphs:
@@ -740,7 +775,9 @@ def measure(
         exits[method] = fns[method]().exit_index
     # s_i and h_i of the time ideal, timed as the baseline runs: graphs on CUDA
     fns.update(
-        full_batch_pieces(net, batches[0], len(batches), graphs, graphed if graphs else eager)
+        full_batch_pieces(
+            net, batches[0], len(batches), graphs, graphed if graphs else eager, micro
+        )
     )
 
     stages, heads = net.stages(), list(net.heads)
@@ -758,8 +795,9 @@ def measure(
         times = {name: timed(fns[name], args.threads, device) / samples for name in names}
         rounds.append({name: times[name] for name in fns})
     summary = Summary(rounds, args.stat)
-    if folded and not graphs:  # the best way on this device is whichever was faster here
-        baseline = min(("original_folded", "original"), key=lambda m: summary.times[m])
+    if not graphs:  # the best way on this device is whichever was faster here
+        candidates = [m for m in ("original_micro", "original_folded", "original") if m in fns]
+        baseline = min(candidates, key=lambda m: summary.times[m])
     if reference is not None:
         warm_up(reference)
         reference_cache[str(device)] = summary.pick(
@@ -797,6 +835,7 @@ def measure(
         ms_per_sample_reference=None if ref_time is None else 1e3 * ref_time,
         efficiency=efficiency,
         overhead=overhead,
+        micro_batch=micro if micro is not None and micro < batch_size else None,
         speedup_vs_reference=None if ref_time is None else ref_time / med["early_exit"],
         rounds=rounds,
         model=args.model,
@@ -1112,6 +1151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=0.0, help="extra warm-up seconds per function")
     p.add_argument("--compile", action="store_true", help="torch.compile stages and the original")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument(
+        "--micro-batch",
+        type=parse_micro_batch,
+        default="auto",
+        help='`net.micro_batch` for CPU inference: "auto" (default), a positive int, or "none" '
+        "for whole batches",
+    )
     p.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, fp16 on CUDA)")
     p.add_argument(
         "--amp-dtype",

@@ -8,19 +8,17 @@ flushed at the end of the data. Each sample's result is the one `early_exit` giv
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from tqdm import tqdm
 
+from earlyexit._pipeline import Pipeline
 from earlyexit.cuda_graphs import GraphedEarlyExit, capture_cuda_graphs
-from earlyexit.errors import EarlyExitError
-from earlyexit.inference import check_threshold, run_exit
+from earlyexit.inference import check_threshold
 from earlyexit.model import EarlyExitNet, check_eval_net
 from earlyexit.outputs import EarlyExitResult
 
@@ -67,116 +65,6 @@ class Prediction:
             f"Prediction(num_samples={self.num_samples}, accuracy={accuracy}, "
             f"mean_cost={self.mean_cost:.4f})"
         )
-
-
-class _Queue:
-    """The samples waiting for one stage: chunks of inputs with their ids, oldest first."""
-
-    def __init__(self) -> None:
-        self.chunks: deque[tuple[torch.Tensor, torch.Tensor]] = deque()
-        self.size = 0
-        self.peak = 0  # the most samples it ever held
-
-    def put(self, x: torch.Tensor, ids: torch.Tensor) -> None:
-        if ids.numel():
-            self.chunks.append((x, ids))
-            self.size += ids.numel()
-            self.peak = max(self.peak, self.size)
-
-    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The `n` oldest samples, in one batch."""
-        xs, ids = [], []
-        while n > 0:
-            x, i = self.chunks.popleft()
-            if i.numel() > n:
-                self.chunks.appendleft((x[n:], i[n:]))
-                x, i = x[:n], i[:n]
-            xs.append(x)
-            ids.append(i)
-            n -= i.numel()
-            self.size -= i.numel()
-        if len(xs) == 1:
-            return xs[0], ids[0]
-        return torch.cat(xs), torch.cat(ids)
-
-
-class _Pipeline:
-    """One queue per stage; finished samples are gathered on the CPU.
-
-    The deepest stage whose queue holds a full batch runs first, so no queue after the first
-    ever holds two batches; `flush` then runs the partial batches, from shallow to deep.
-    """
-
-    def __init__(
-        self,
-        stages: Sequence[nn.Module],
-        heads: Sequence[nn.Module],
-        threshold: float,
-        batch_size: int,
-        graphs: GraphedEarlyExit | None = None,
-    ) -> None:
-        self.stages, self.heads = stages, heads
-        self.graphs = graphs  # CUDA graphs captured at `batch_size`; None: the eager stages
-        self.threshold = threshold
-        self.batch_size = batch_size
-        self.queues = [_Queue() for _ in stages]
-        self.done: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # ids, logits, exit
-        self.dtype: torch.dtype | None = None  # of exit 0's logits, as in `early_exit`
-
-    def push(self, x: torch.Tensor, ids: torch.Tensor) -> None:
-        """Queue new inputs for stage 0 and run every stage that has a full batch."""
-        self.queues[0].put(x, ids)
-        self._drain(flush=False)
-
-    def flush(self) -> None:
-        """Run everything that is still queued."""
-        self._drain(flush=True)
-
-    def _drain(self, flush: bool) -> None:
-        while True:
-            sizes = [q.size for q in self.queues]
-            full = [i for i, size in enumerate(sizes) if size >= self.batch_size]
-            waiting = [i for i, size in enumerate(sizes) if size]
-            if full:
-                self._run(full[-1], self.batch_size)
-            elif flush and waiting:
-                self._run(waiting[0], sizes[waiting[0]])
-            else:
-                return
-
-    def _run(self, i: int, n: int) -> None:
-        x, ids = self.queues[i].take(n)
-        if i == len(self.heads):
-            final = self.stages[i] if self.graphs is None else self.graphs._run_final
-            self._finish(ids, final(x), i)
-            return
-        if self.graphs is None:
-            split = run_exit(self.stages[i], self.heads[i], x, ids, self.threshold)
-        else:  # a partial batch is padded to `batch_size`
-            split = self.graphs._run_exit(i, x, ids, self.threshold)
-        if self.dtype is None:
-            self.dtype = split.logits.dtype
-        self._finish(split.leave, split.logits, i)
-        self.queues[i + 1].put(split.features, split.stay)
-
-    def _finish(self, ids: torch.Tensor, logits: torch.Tensor, exit_index: int) -> None:
-        if ids.numel():
-            self.done.append((ids.cpu(), logits.cpu(), exit_index))
-
-    def result(self, count: int, costs: torch.Tensor, num_classes: int) -> EarlyExitResult:
-        """The results of samples `0 .. count-1`, in that order, on the CPU."""
-        logits = torch.empty((count, num_classes), dtype=self.dtype or torch.get_default_dtype())
-        exit_index = torch.empty(count, dtype=torch.long)
-        finished = sum(ids.numel() for ids, _, _ in self.done)
-        if finished != count:  # never hand out partial results as if they were complete
-            raise EarlyExitError(f"Internal error: {finished} of {count} samples finished.")
-        if self.done:
-            chunks, parts, exits = zip(*self.done)
-            ids = torch.cat(chunks)
-            logits.index_copy_(0, ids, torch.cat([z.to(logits.dtype) for z in parts]))
-            indices = [torch.full((z.shape[0],), i) for z, i in zip(parts, exits)]
-            exit_index.index_copy_(0, ids, torch.cat(indices))
-        return EarlyExitResult(logits, exit_index, costs.cpu()[exit_index])
 
 
 def _unpack(
@@ -262,7 +150,7 @@ def _predict_shard(
 ) -> tuple[EarlyExitResult, torch.Tensor | None, int]:
     """This rank's share of the stream: its results, its targets, and the stream's length."""
     input_size = tuple(net.input_size)
-    pipeline: _Pipeline | None = None
+    pipeline: Pipeline | None = None
     labelled: bool | None = None
     targets: list[torch.Tensor] = []
     total = count = 0  # samples in the stream, and in this rank's share of it
@@ -286,8 +174,10 @@ def _predict_shard(
                     continue
                 if pipeline is None:
                     size = batch_size or x.shape[0]
+                    micro = net.resolve_micro_batch(x[:0].to(device))
+                    size = size if micro is None else min(size, micro)
                     graphs = _graphs_for(net, cuda_graphs, size)
-                    pipeline = _Pipeline(
+                    pipeline = Pipeline(
                         net._inference_stages(), net._exit_heads(), threshold, size, graphs
                     )
                 # DistributedSampler's order: sample j of the stream goes to rank j % world.
@@ -365,7 +255,7 @@ def predict(
         data: an iterable of input batches `(B, C, H, W)` at `net.input_size`, or of
             `(inputs, targets)` pairs (e.g. a DataLoader); extra items of a pair are ignored.
         batch_size: the batch each stage runs at (per rank); the size of the first input batch
-            when None.
+            when None. On the CPU, at most `net.micro_batch` (see there).
         threshold: T; the net's own `threshold` when None.
         device: where to run (inputs are moved there); the device of the net's parameters when
             None.

@@ -124,6 +124,24 @@ def test_speed_new_methods_fill_rows_and_skip_graphs_on_cpu(script, tmp_path, ca
     assert isinstance(loaded.methods["predict"], speed.MethodResult)
 
 
+def test_speed_micro_batches_join_the_baselines(script, capsys):
+    speed = script("speed")
+    argv = [*TINY, "--devices", "cpu", "--batch-sizes", "4", "--samples", "8", "--no-reference"]
+    args = speed.build_parser().parse_args([*argv, "--micro-batch", "3"])
+    row = speed.measure(args, torch.device("cpu"), 4, speed.pattern_shares("uniform", 3), {})
+    assert row.micro_batch == 3 and "micro-batches of 3" in " ".join(row.notes)
+    candidates = ("original_micro", "original_folded", "original")
+    assert list(row.methods)[:3] == list(candidates)
+    fastest = min(candidates, key=lambda m: row.methods[m].ms_per_sample)
+    assert row.baseline == fastest
+    args = speed.build_parser().parse_args([*argv, "--micro-batch", "none"])
+    row = speed.measure(args, torch.device("cpu"), 4, speed.pattern_shares("uniform", 3), {})
+    assert row.micro_batch is None and "original_micro" not in row.methods
+    with pytest.raises(SystemExit):
+        speed.build_parser().parse_args([*argv, "--micro-batch", "0"])
+    assert "positive int" in capsys.readouterr().err
+
+
 def test_speed_graph_methods_bookkeeping_with_eager_stand_ins(script, monkeypatch):
     """The CUDA-only paths, with the graphs replaced by the same steps run eagerly."""
     speed = script("speed")
@@ -139,7 +157,8 @@ def test_speed_graph_methods_bookkeeping_with_eager_stand_ins(script, monkeypatc
     args = speed.build_parser().parse_args([*TINY, "--samples", "8", "--no-reference"])
     row = speed.measure(args, torch.device("cpu"), 4, speed.pattern_shares("uniform", 3), {})
     assert row.baseline == "original_graphs" and row.stage_timing == "cuda_graphs"
-    assert list(row.methods) == list(speed.METHOD_ORDER)
+    # no micro-batches on CUDA
+    assert list(row.methods) == [m for m in speed.METHOD_ORDER if m != "original_micro"]
     assert row.methods["original_graphs"].speedup == 1.0
     for name in ("early_exit_graphs", "predict_graphs"):
         assert row.methods[name].exit_histogram == row.exit_histogram

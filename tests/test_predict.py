@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
 import earlyexit
+import earlyexit._pipeline
 import earlyexit.stream
 from earlyexit.stream import Prediction
 
@@ -115,13 +116,13 @@ def test_any_stream_any_batch_size(net, pool, alone, n, seed, cuts, batch_size):
 
 def test_the_default_batch_size_is_the_first_batch(net, pool, monkeypatch):
     sizes = []
-    run = earlyexit.stream.run_exit
+    run = earlyexit._pipeline.run_exit
 
     def spy(stage, head, x, ids, threshold):
         sizes.append(x.shape[0])
         return run(stage, head, x, ids, threshold)
 
-    monkeypatch.setattr(earlyexit.stream, "run_exit", spy)
+    monkeypatch.setattr(earlyexit._pipeline, "run_exit", spy)
     earlyexit.predict(net, [pool[:0], pool[:6], pool[6:40]])
     assert max(sizes) == 6
 
@@ -132,12 +133,12 @@ def test_stages_run_full_batches_and_queues_stay_bounded(
 ):
     pipelines = []
 
-    class Recording(earlyexit.stream._Pipeline):
+    class Recording(earlyexit.stream.Pipeline):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             pipelines.append(self)
 
-    monkeypatch.setattr(earlyexit.stream, "_Pipeline", Recording)
+    monkeypatch.setattr(earlyexit.stream, "Pipeline", Recording)
     runs: list[list[int]] = [[] for _ in range(net.num_exits + 1)]
 
     def record(i):

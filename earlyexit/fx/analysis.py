@@ -14,13 +14,15 @@ candidates for exits.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from earlyexit.errors import TraceError
 from earlyexit.fx._layout import channel_axis
@@ -259,6 +261,8 @@ class ModelAnalysis:
             most one per block, in execution order.
         input_size: the `(C, H, W)` the graphs were run at.
         num_classes: the size of the model's output.
+        activation_bytes: the bytes per sample of the eval graph's largest tensor with a batch
+            dimension, at `input_size` in the model's dtype (0 when none was recorded).
     """
 
     eval_graph: GraphAnalysis
@@ -266,6 +270,7 @@ class ModelAnalysis:
     cut_points: tuple[CutPoint, ...]
     input_size: tuple[int, ...]
     num_classes: int
+    activation_bytes: int = 0
 
     def find(self, name: str) -> CutPoint | None:
         """The cut point with this name or alias, if any."""
@@ -340,7 +345,24 @@ def analyse_model(model: nn.Module, input_size: tuple[int, ...]) -> ModelAnalysi
         )
         for n in _block_outputs_only(features, names)
     )
-    return ModelAnalysis(eval_graph, train_graph, cut_points, tuple(input_size), int(out.shape[1]))
+    return ModelAnalysis(
+        eval_graph,
+        train_graph,
+        cut_points,
+        tuple(input_size),
+        int(out.shape[1]),
+        _largest_sample_bytes(first.tensors.values(), batch),
+    )
+
+
+def _largest_sample_bytes(tensors: Iterable[TensorMetadata], batch: int) -> int:
+    """The bytes per sample of the largest tensor whose first dimension is the batch."""
+    sizes = [
+        math.prod(meta.shape[1:]) * meta.dtype.itemsize
+        for meta in tensors
+        if len(meta.shape) > 1 and meta.shape[0] == batch
+    ]
+    return max(sizes, default=0)
 
 
 def _block_outputs_only(cuts: list[fx.Node], names: Mapping[fx.Node, NodeName]) -> list[fx.Node]:

@@ -38,6 +38,8 @@ class StagedGraph(nn.Module):
         cut_points: the cut point after which each stage but the last ends.
         input_size: the `(C, H, W)` the model was traced at.
         num_classes: the size of the model's output.
+        activation_bytes: the bytes per sample of the model's largest activation at
+            `input_size` (`ModelAnalysis.activation_bytes`); 0 when unknown.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class StagedGraph(nn.Module):
         cut_points: Sequence[CutPoint],
         input_size: Sequence[int],
         num_classes: int,
+        activation_bytes: int = 0,
     ) -> None:
         super().__init__()
         if set(stages) != {False, True}:
@@ -59,6 +62,7 @@ class StagedGraph(nn.Module):
         self.cut_points = tuple(cut_points)
         self.input_size = tuple(input_size)
         self.num_classes = int(num_classes)
+        self.activation_bytes = int(activation_bytes)
         # Plain attributes, not submodules: see the class docstring.
         self._stages = {mode: tuple(chain) for mode, chain in stages.items()}
         self._compiled: dict[bool, tuple[nn.Module, ...]] | None = None
@@ -190,7 +194,13 @@ def split_model(analysis: ModelAnalysis, names: Sequence[str]) -> StagedGraph:
         False: split_graph(analysis.eval_graph, canonical),
         True: split_graph(analysis.train_graph, canonical),
     }
-    return StagedGraph(stages, cut_points, analysis.input_size, analysis.num_classes)
+    return StagedGraph(
+        stages,
+        cut_points,
+        analysis.input_size,
+        analysis.num_classes,
+        analysis.activation_bytes,
+    )
 
 
 def split_graph(analysis: GraphAnalysis, names: Sequence[str]) -> list[fx.GraphModule]:
