@@ -393,7 +393,7 @@ def tradeoff_digits(out: Path, numbers: dict) -> None:
 
 #: The saved speed results drawn in `speed.png` (benchmarks/results/, made by speed.py --json).
 SPEED_RESULTS = (
-    "speed-cpu-2core-channels-last-folded-batches.json",
+    "speed-cpu-2core-channels-last-micro-batches.json",
     "speed-h200-eager.json",
     "speed-h200-large-batches.json",
     "speed-h200-channels-last-amp.json",
