@@ -18,7 +18,10 @@ A variant is a comma-separated list of `key=value` (unknown keys are an error):
 
     loss=exits|v2+ce|v2|...   EENetLoss version          w=FLOAT   exit_ce_weight
     head=conv|pool|bnpool     exit type                  kd=FLOAT  distill (α)
-    q=FLOAT                   exit_precision             gs=FLOAT  grad_scale of the net
+    q=FLOAT|relative          exit_precision; relative:  gs=FLOAT  grad_scale of the net
+                              q = clamp(1 − k ε, 0.5, 0.95) per batch, ε the final exit's
+                              error rate on the batch (an early exit may be about as
+                              error-prone as the final exit); k = qk=FLOAT, default 1.3
     zi=0|1                    zero_init_last of the CIFAR ResNets (default 0, the models' default)
     cw=32|c                   conv heads' width: 32 = the library's (`conv_width`, at least 32),
                               c = the earlier min(C, max(32, C/4)), never wider than the feature
@@ -43,6 +46,7 @@ Settings (MNIST from `--data-dir`, torchvision's layout; digits from scikit-lear
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -135,7 +139,7 @@ DEFAULT_VARIANTS = (
 
 BUDGETS = (0.5, 0.6, 0.7)
 THRESHOLDS = np.concatenate([np.linspace(0.0, 1.0, 401), [1.01]]).astype(np.float32)
-KEYS = {"loss", "head", "w", "kd", "q", "gs", "zi", "cw", "conf"}
+KEYS = {"loss", "head", "w", "kd", "q", "qk", "gs", "zi", "cw", "conf"}
 TEST_SAMPLES = 5000
 _PLAIN: dict[tuple[str, int, bool], float] = {}  # plain accuracy per (setting, seed, init)
 
@@ -191,6 +195,17 @@ CONFIDENCE_LABELS = {
     "right": earlyexit.loss._confidence_labels,
     "harmless": _harmless_labels,
 }
+
+
+_fixed_precision_logit = earlyexit.loss._precision_logit
+
+
+def _relative_precision_logit(q, final_log_probs, labels, k: float = 1.3):
+    """logit of q = clamp(1 − k ε, 0.5, 0.95), ε the final exit's error rate on the batch."""
+    with torch.no_grad():
+        error = (final_log_probs.argmax(dim=1) != labels).to(final_log_probs.dtype).mean()
+        q_batch = (1.0 - k * error).clamp(0.5, 0.95)
+        return torch.log(q_batch / (1.0 - q_batch))
 
 
 def _narrow_width(channels: int) -> int:
@@ -312,11 +327,17 @@ def run_one(name: str, variant: str, seed: int, data_dir: str, progress: bool) -
     options = {"exit_ce_weight": float(spec["w"])} if "w" in spec else {}
     if "kd" in spec:
         options["distill"] = float(spec["kd"])
-    if "q" in spec:
+    if spec.get("q", "relative") != "relative":
         options["exit_precision"] = float(spec["q"])
     criterion = earlyexit.EENetLoss(lam=1.0, version=spec["loss"], **options)
     labels = CONFIDENCE_LABELS[spec.get("conf", "right")]
-    with mock.patch.object(earlyexit.loss, "_confidence_labels", labels):
+    shift = _fixed_precision_logit
+    if spec.get("q") == "relative":
+        shift = functools.partial(_relative_precision_logit, k=float(spec.get("qk", 1.3)))
+    with (
+        mock.patch.object(earlyexit.loss, "_confidence_labels", labels),
+        mock.patch.object(earlyexit.loss, "_precision_logit", shift),
+    ):
         _fit(net, criterion, train, setting, seed, progress)
     caches, right = _caches(net, test)
     best, curves = {}, {}

@@ -14,17 +14,19 @@ And, per method (`--methods`), against the *baseline*, the original model run th
 the device (same autocast and memory format as the other methods): on CPU the fastest, in that
 run, of the eager module as it is, the module with its conv → batch norm pairs folded into
 single convolutions (torch's `torch.fx.experimental.optimization.fuse`; the stages that
-inference runs fold theirs too), and the folded module run on micro-batches (as inference
-runs the stages, see `EarlyExitNet.micro_batch`); on CUDA the folded module captured in one
+inference runs fold theirs too), and, when the net runs micro-batches (`--micro-batch`),
+both on the same micro-batches; on CUDA the folded module captured in one
 CUDA graph at the row's batch size. A model torch.fx cannot trace stays unfolded, with a note:
 
 - `original`: the eager module as it is; `original_folded`: folded, eager; `original_micro`
-  (CPU, batches above the net's micro-batch): folded, run on micro-batches of the size that
-  `net.early_exit` uses (`net.resolve_micro_batch`); `original_graphs` (CUDA): the baseline
-  there; `early_exit`: `net.early_exit` on each batch; `early_exit_graphs`: the
-  runner of `earlyexit.capture_cuda_graphs(net, batch_size)`; `predict` and `predict_graphs`:
-  `earlyexit.predict(net, batches, batch_size=batch_size, cuda_graphs=...)` over the whole
-  stream. The graph methods need CUDA (skipped with a note elsewhere, and with `--compile`).
+  and `original_micro_as_is` (CPU, with `--micro-batch`, batches above the net's micro-batch):
+  folded, and as it is, run on micro-batches of the size the net runs
+  (`EarlyExitNet.micro_batch`);
+  `original_graphs` (CUDA): the baseline there; `early_exit`: `net.early_exit` on each batch;
+  `early_exit_graphs`: the runner of `earlyexit.capture_cuda_graphs(net, batch_size)`;
+  `predict` and `predict_graphs`: `earlyexit.predict(net, batches, batch_size=batch_size,
+  cuda_graphs=...)` over the whole stream. The graph methods need CUDA (skipped with a note
+  elsewhere, and with `--compile`).
 - **speed-up** = t_baseline ÷ t_method, times per sample.
 - **MAC ideal** = 1 ÷ mean cost, the mean over samples of the relative cost (heads included) of
   the exit each left at in that method's run: the speed-up if time followed MACs.
@@ -116,7 +118,15 @@ METHODS = ("original", "early_exit", "predict", "early_exit_graphs", "predict_gr
 GRAPH_METHODS = ("early_exit_graphs", "predict_graphs")
 #: The order methods are listed in, the baselines (the original with its batch norms folded,
 #: on CPU also on micro-batches, and on CUDA as one graph) included.
-METHOD_ORDER = ("original_graphs", "original_micro", "original_folded", *METHODS)
+METHOD_ORDER = (
+    "original_graphs",
+    "original_micro",
+    "original_micro_as_is",
+    "original_folded",
+    *METHODS,
+)
+#: The candidates for the CPU baseline: whichever of these ran fastest in a row.
+CPU_BASELINES = ("original_micro", "original_micro_as_is", "original_folded", "original")
 WIDTH = 100  # the printed tables and notes fit in this many columns
 
 
@@ -431,13 +441,24 @@ def create_net(args: argparse.Namespace, device: torch.device) -> earlyexit.Earl
     net = net.eval().to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    net.micro_batch = getattr(args, "micro_batch", "auto")
+    if getattr(args, "micro_batch", "default") != "default":
+        net.micro_batch = args.micro_batch
     return net
 
 
+def auto_micro_batch(net: earlyexit.EarlyExitNet, x: torch.Tensor) -> int | None:
+    """The micro-batch `net.micro_batch = "auto"` would run `x` at (None off the CPU)."""
+    saved = net.micro_batch
+    net.micro_batch = "auto"
+    try:
+        return net.resolve_micro_batch(x)
+    finally:
+        net.micro_batch = saved
+
+
 def parse_micro_batch(text: str) -> int | str | None:
-    """`--micro-batch`: "auto", "none" or a positive int."""
-    if text in ("auto", "none"):
+    """`--micro-batch`: "auto", "none" or a positive int ("default": leave the net's)."""
+    if text in ("auto", "none", "default"):
         return None if text == "none" else text
     try:
         value = int(text)
@@ -719,11 +740,15 @@ def measure(
     }
     if folded:
         fns["original_folded"] = run(best)
-    # On the CPU the library runs large batches in micro-batches (`net.micro_batch`); the
-    # original, run the best way, gets the same.
+    # With `--micro-batch`, the net runs large CPU batches in micro-batches, and so may the
+    # original. Only then: in this one process, whole-batch runs free large blocks, which
+    # keeps glibc from page-faulting smaller ones, a favour a program that only runs
+    # micro-batches never gets (`fresh.py` times each way in a process of its own).
     micro = None if graphs else net.resolve_micro_batch(batches[0])
     if micro is not None and micro < batch_size:
         fns["original_micro"] = run(lambda b: [best(part) for part in b.split(micro)])
+        if folded:
+            fns["original_micro_as_is"] = run(lambda b: [original(part) for part in b.split(micro)])
         notes.append(f"CPU inference ran micro-batches of {micro} (`net.micro_batch`).")
     exits = {"early_exit": exits_of(net.early_exit, eager)}
     setup: dict[str, float] = {}
@@ -796,7 +821,7 @@ def measure(
         rounds.append({name: times[name] for name in fns})
     summary = Summary(rounds, args.stat)
     if not graphs:  # the best way on this device is whichever was faster here
-        candidates = [m for m in ("original_micro", "original_folded", "original") if m in fns]
+        candidates = [m for m in CPU_BASELINES if m in fns]
         baseline = min(candidates, key=lambda m: summary.times[m])
     if reference is not None:
         warm_up(reference)
@@ -1154,9 +1179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--micro-batch",
         type=parse_micro_batch,
-        default="auto",
-        help='`net.micro_batch` for CPU inference: "auto" (default), a positive int, or "none" '
-        "for whole batches",
+        default="default",
+        help='`net.micro_batch` for CPU inference: "auto", a positive int, or "none" for whole '
+        "batches; the library's default (whole batches) when not given",
     )
     p.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, fp16 on CUDA)")
     p.add_argument(

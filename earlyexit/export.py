@@ -74,7 +74,10 @@ class ExportedEarlyExit:
         return len(self.heads)
 
     def __call__(self, x: torch.Tensor, threshold: float | None = None) -> EarlyExitResult:
-        """Early-exit inference, as `EarlyExitNet.early_exit`.
+        """Early-exit inference, as `EarlyExitNet.early_exit`, on whole batches.
+
+        Exported programs do not run CPU micro-batches (`EarlyExitNet.micro_batch`); the
+        results are the same.
 
         Args:
             x: the input batch.

@@ -120,6 +120,11 @@ def _confidence_labels(log_probs: Tensor, final_log_probs: Tensor, labels: Tenso
     return log_probs.detach().argmax(dim=1) == labels
 
 
+def _precision_logit(q: float, final_log_probs: Tensor, labels: Tensor) -> float | Tensor:
+    """logit q, the confidence logits' shift (a seam: the recipe benchmark tries other rules)."""
+    return math.log(q / (1.0 - q))
+
+
 def _exits_loss(
     log_probs: list[Tensor],
     logits: list[Tensor],
@@ -136,7 +141,7 @@ def _exits_loss(
     if alpha:
         teacher = F.softmax(logits[-1].detach().to(log_probs[0].dtype) / tau, dim=1)
     labels = target.argmax(dim=1) if target.is_floating_point() else target
-    offset = math.log(q / (1.0 - q))
+    offset = _precision_logit(q, log_probs[-1], labels)
     early = []
     for z, p, a in zip(logits[:-1], log_probs[:-1], confidence_logits, strict=True):
         term = _cross_entropy(p, target, label_smoothing)

@@ -75,6 +75,9 @@ class EarlyExitNet(nn.Module):
         backbone_macs: MACs of the original model, for one sample.
     """
 
+    # A class default too: a net pickled before the setting existed unpickles with it.
+    _micro_batch: int | Literal["auto"] | None = None
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -117,7 +120,6 @@ class EarlyExitNet(nn.Module):
             costs.append(total / self.backbone_macs)
         self.register_buffer("exit_costs", torch.tensor(costs), persistent=False)
         self._compiled_heads: list[nn.Module] | None = None
-        self._micro_batch: int | Literal["auto"] | None = "auto"
         param = next(iter(backbone.parameters()), None)
         if param is not None:
             self.heads.to(device=param.device, dtype=param.dtype)
@@ -170,20 +172,28 @@ class EarlyExitNet(nn.Module):
     def micro_batch(self) -> int | Literal["auto"] | None:
         """How many samples early-exit inference on the CPU runs through a stage at a time.
 
-        A large batch does not run faster on a CPU than a few smaller ones: its activations
-        no longer fit in the caches, and glibc's allocator hands their memory back to the
-        system between layers, so that every layer page-faults it in afresh (on ResNet-110 at
-        batch 256, about 40 % of the time of the original model itself). So on the CPU,
-        `early_exit` (and `net(x)` in eval mode) and `predict` run a batch larger than this
-        through the stages in micro-batches of this size, with the refill queues of
-        `predict`: the samples that stay after an exit wait for the next stage until a full
-        micro-batch is there. Each sample's result is the one it gets alone, as always.
+        None (the default): the whole batch. An int, or `"auto"`: on the CPU, `early_exit`
+        (and `net(x)` in eval mode) and `predict` run a batch larger than this through the
+        stages that many samples at a time, with the refill queues of `predict`: the
+        samples that stay after an exit wait for the next stage until a full micro-batch is
+        there. Each sample's result is the one it gets alone, as always. CUDA devices always
+        run whole batches.
 
-        `"auto"` (the default): as many samples as keep the model's largest activation within
-        `MICRO_BATCH_BYTES` (4 MiB), and at least 4, from the sizes seen at conversion, scaled
-        to the input's size: 64 for a CIFAR ResNet at 32×32, 4 for timm's `resnet50` and
-        `deit_small_patch16_224` at 224×224. An int: that many. None: the whole batch, as
-        on CUDA, where micro-batches are never used (a GPU wants large batches).
+        Smaller batches keep the activations in the CPU's caches, which can make a large batch
+        much faster: in a process that had run whole batches before, ResNet-110 at batch 256
+        ran 1.3× as fast or more on micro-batches of 64. Whether it pays depends on the
+        allocator, though. glibc's hands a freed block back to
+        the system, to be page-faulted in again, once the free memory at the top of its heap
+        exceeds twice the largest block freed so far; in a process that only ever runs
+        micro-batches that limit stays low, and there micro-batches were no faster than whole
+        batches (`benchmarks/fresh.py`). With an allocator that keeps freed memory (jemalloc,
+        tcmalloc, or glibc with `MALLOC_TRIM_THRESHOLD_` set), or in a process that has
+        already freed larger blocks, they pay. The docs' speed page has the numbers.
+
+        `"auto"`: as many samples as keep the model's largest activation within
+        `MICRO_BATCH_BYTES` (4 MiB), and at least 4, from the sizes seen at conversion (in the
+        dtype the net was converted in), scaled to the input's size: 64 for a CIFAR ResNet at
+        32×32, 4 for timm's `resnet50` and `deit_small_patch16_224` at 224×224.
 
         Raises:
             TypeError, ValueError: on assignment, for anything but "auto", None or a positive
@@ -198,7 +208,8 @@ class EarlyExitNet(nn.Module):
             return
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(
-                f'Expected `micro_batch` to be a positive int, "auto" or None, got {value!r}.'
+                f'Expected `micro_batch` to be a positive int, "auto" or None, got {value!r}. '
+                'Hint: "auto" sizes it from the model\'s activations; None runs whole batches.'
             )
         if value < 1:
             raise ValueError(
@@ -206,6 +217,9 @@ class EarlyExitNet(nn.Module):
                 "Hint: None runs whole batches."
             )
         self._micro_batch = value
+
+    def _any_module_training(self) -> bool:
+        return any(m.training for m in self.modules())
 
     def resolve_micro_batch(self, x: torch.Tensor) -> int | None:
         """The micro-batch CPU inference uses for inputs like `x`; None: whole batches.
@@ -289,9 +303,10 @@ class EarlyExitNet(nn.Module):
         """
         t = self.threshold if threshold is None else check_threshold(threshold)
         stages, heads = self._inference_stages(), self._exit_heads()
-        # Micro-batches only in eval mode: a train-mode batch norm normalises by its batch.
-        micro = None if self.training else self.resolve_micro_batch(x)
-        if micro is not None and x.shape[0] > micro:
+        micro = self.resolve_micro_batch(x)
+        # Micro-batches only where every module is in eval mode: a train-mode batch norm
+        # normalises by its batch (and updates its statistics once per call).
+        if micro is not None and x.shape[0] > micro and not self._any_module_training():
             return run_micro_batches(stages, heads, x, t, micro, self.exit_costs, self.num_classes)
         return run_early_exit(stages, heads, x, t, self.exit_costs, self.num_classes)
 

@@ -174,7 +174,8 @@ def _predict_shard(
                     continue
                 if pipeline is None:
                     size = batch_size or x.shape[0]
-                    micro = net.resolve_micro_batch(x[:0].to(device))
+                    # the input's device may not be the one it runs on
+                    micro = net.resolve_micro_batch(x) if device.type == "cpu" else None
                     size = size if micro is None else min(size, micro)
                     graphs = _graphs_for(net, cuda_graphs, size)
                     pipeline = Pipeline(

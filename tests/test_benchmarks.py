@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+import timm
 import torch
 
 import earlyexit
@@ -126,16 +128,24 @@ def test_speed_new_methods_fill_rows_and_skip_graphs_on_cpu(script, tmp_path, ca
 
 def test_speed_micro_batches_join_the_baselines(script, capsys):
     speed = script("speed")
+    net = earlyexit.convert(timm.create_model("resnet20"), n_exits=3).eval()
+    assert speed.auto_micro_batch(net, torch.zeros(1, 3, 32, 32)) == 64
+    assert net.micro_batch is None  # put back
     argv = [*TINY, "--devices", "cpu", "--batch-sizes", "4", "--samples", "8", "--no-reference"]
+    shares = speed.pattern_shares("uniform", 3)
     args = speed.build_parser().parse_args([*argv, "--micro-batch", "3"])
-    row = speed.measure(args, torch.device("cpu"), 4, speed.pattern_shares("uniform", 3), {})
+    row = speed.measure(args, torch.device("cpu"), 4, shares, {})
     assert row.micro_batch == 3 and "micro-batches of 3" in " ".join(row.notes)
-    candidates = ("original_micro", "original_folded", "original")
-    assert list(row.methods)[:3] == list(candidates)
+    candidates = speed.CPU_BASELINES
+    assert list(row.methods)[:4] == list(candidates)
     fastest = min(candidates, key=lambda m: row.methods[m].ms_per_sample)
     assert row.baseline == fastest
-    args = speed.build_parser().parse_args([*argv, "--micro-batch", "none"])
-    row = speed.measure(args, torch.device("cpu"), 4, speed.pattern_shares("uniform", 3), {})
+    # by default the net runs whole batches, and so do the originals
+    row = speed.measure(speed.build_parser().parse_args(argv), torch.device("cpu"), 4, shares, {})
+    assert row.micro_batch is None and not any("micro" in m for m in row.methods)
+    assert not any("micro-batches of" in note for note in row.notes)
+    args = speed.build_parser().parse_args([*argv, "--micro-batch", "auto"])  # 64 > 4
+    row = speed.measure(args, torch.device("cpu"), 4, shares, {})
     assert row.micro_batch is None and "original_micro" not in row.methods
     with pytest.raises(SystemExit):
         speed.build_parser().parse_args([*argv, "--micro-batch", "0"])
@@ -158,7 +168,7 @@ def test_speed_graph_methods_bookkeeping_with_eager_stand_ins(script, monkeypatc
     row = speed.measure(args, torch.device("cpu"), 4, speed.pattern_shares("uniform", 3), {})
     assert row.baseline == "original_graphs" and row.stage_timing == "cuda_graphs"
     # no micro-batches on CUDA
-    assert list(row.methods) == [m for m in speed.METHOD_ORDER if m != "original_micro"]
+    assert list(row.methods) == [m for m in speed.METHOD_ORDER if "micro" not in m]
     assert row.methods["original_graphs"].speedup == 1.0
     for name in ("early_exit_graphs", "predict_graphs"):
         assert row.methods[name].exit_histogram == row.exit_histogram
@@ -266,3 +276,40 @@ def test_recipe_variants_and_its_confidence_targets(script, monkeypatch):
     )
     earlyexit.EENetLoss()(outputs, labels)
     assert len(calls) == 2  # one per early exit
+
+
+def test_recipe_relative_precision_shift(script, monkeypatch):
+    recipe = script("recipe")
+    labels = torch.zeros(10, dtype=torch.long)
+    for right, q in [(9, 1 - 1.3 * 0.1), (10, 0.95), (0, 0.5)]:  # q's cap and floor
+        final = torch.full((10, 3), -5.0)
+        final[:right, 0] = 5.0
+        final[right:, 1] = 5.0
+        shift = recipe._relative_precision_logit(0.95, final.log_softmax(1), labels)
+        assert float(shift) == pytest.approx(math.log(q / (1 - q)), abs=1e-6)
+    assert recipe._fixed_precision_logit(0.8, None, None) == pytest.approx(math.log(4))
+    # The loss takes its shift from the seam that the benchmark swaps.
+    seen = []
+    monkeypatch.setattr(earlyexit.loss, "_precision_logit", lambda q, *rest: seen.append(q) or 0.0)
+    outputs = earlyexit.ExitOutputs(
+        logits=[torch.randn(4, 4) for _ in range(2)],
+        confidence_logits=[torch.randn(4)],
+        costs=torch.tensor([0.5, 1.0]),
+    )
+    earlyexit.EENetLoss(exit_precision=0.9)(outputs, labels[:4])
+    assert seen == [0.9]
+
+
+def test_fresh_times_each_method_in_a_process_of_its_own(script, tmp_path, capsys):
+    fresh = script("fresh")
+    saved = tmp_path / "fresh.json"
+    argv = ["--model", "resnet20", "--n-exits", "3", "--batch-size", "8", "--threads", "1"]
+    argv += ["--runs", "1", "--calls", "1", "--methods", "early_exit", "no_exit_whole"]
+    assert fresh.main([*argv, "--json", str(saved)]) == 0
+    printed = capsys.readouterr().out
+    assert "early_exit" in printed and "no_exit_whole" in printed
+    runs = json.loads(saved.read_text())["runs"]
+    assert [r["method"] for r in runs] == ["early_exit", "no_exit_whole"]
+    assert all(r["ms_per_sample"] > 0 and r["faults_per_call"] >= 0 for r in runs)
+    assert runs[0]["micro_batch"] is None  # resnet20's 64 is more than the batch of 8
+    assert 0 < runs[0]["mean_cost"] < runs[0]["c_n"]

@@ -108,10 +108,12 @@ def test_the_thresholds_still_decide(net, pool, monkeypatch):
     torch.testing.assert_close(never.logits, full, **TOL)
 
 
-def test_auto_keeps_the_largest_activation_within_the_budget(net, pool):
+def test_auto_keeps_the_largest_activation_within_the_budget(net, pool, monkeypatch):
     # resnet20's largest activation: 16 channels at 32 × 32, float32
     assert net.staged.activation_bytes == 16 * 32 * 32 * 4
-    assert net.micro_batch == "auto"
+    assert net.micro_batch is None  # the default: whole batches
+    assert net.resolve_micro_batch(pool) is None
+    monkeypatch.setattr(net, "micro_batch", "auto")
     assert net.resolve_micro_batch(pool) == MICRO_BATCH_BYTES // (16 * 32 * 32 * 4) == 64
     # a larger input: four times the activation, a quarter of the samples
     assert net.resolve_micro_batch(torch.zeros(2, 3, 64, 64)) == 16
@@ -131,6 +133,14 @@ def test_whole_batches_off_the_cpu_when_asked_and_in_train_mode(net, pool, monke
     runs = []
     other.stages()[0].register_forward_pre_hook(lambda m, args: runs.append(args[0].shape[0]))
     other.early_exit(pool[:12])  # train-mode batch norm: the batch is its statistics
+    assert runs == [12]
+    # an eval-mode net with one norm left in train mode, too
+    other.eval()
+    next(m for m in other.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)).train()
+    runs.clear()
+    stage = other.staged.inference_stages()[0]
+    stage.register_forward_pre_hook(lambda m, args: runs.append(args[0].shape[0]))
+    other.early_exit(pool[:12])
     assert runs == [12]
 
 
@@ -152,7 +162,7 @@ def test_predict_runs_at_most_the_micro_batch(net, pool, alone, monkeypatch):
     [
         (0, ValueError, r"positive int.*Hint: None runs whole batches"),
         (-3, ValueError, "positive int"),
-        (2.5, TypeError, "positive int"),
+        (2.5, TypeError, r"positive int.*Hint: \"auto\" sizes it"),
         (True, TypeError, "positive int"),
         ("big", TypeError, "positive int"),
     ],
@@ -160,7 +170,7 @@ def test_predict_runs_at_most_the_micro_batch(net, pool, alone, monkeypatch):
 def test_bad_micro_batches_are_clear_errors_and_change_nothing(net, value, error, match):
     with pytest.raises(error, match=match):
         net.micro_batch = value
-    assert net.micro_batch == "auto"
+    assert net.micro_batch is None
 
 
 def test_the_setting_survives_copies_but_not_files(net, tmp_path, monkeypatch):
@@ -168,6 +178,9 @@ def test_the_setting_survives_copies_but_not_files(net, tmp_path, monkeypatch):
 
     monkeypatch.setattr(net, "micro_batch", 8)
     assert copy.deepcopy(net).micro_batch == 8
+    older = copy.deepcopy(net)
+    del older.__dict__["_micro_batch"]  # as a net pickled before the setting existed
+    assert older.micro_batch is None
     path = tmp_path / "net.safetensors"
     earlyexit.save(net, path)
-    assert earlyexit.load(path, backbone=timm.create_model("resnet20")).micro_batch == "auto"
+    assert earlyexit.load(path, backbone=timm.create_model("resnet20")).micro_batch is None

@@ -1,0 +1,181 @@
+"""Each way of running a model timed alone in a fresh process, as a user's program runs it.
+
+`speed.py` interleaves every method in one process, which is fair against noise but not
+against the allocator: glibc serves a block from its heap only when it is smaller than the
+largest block freed so far (its dynamic mmap threshold), and hands every block at least that
+large to the system when it is freed, so it is page-faulted in afresh next time. Once a whole
+batch has run in a process, its large blocks have raised that threshold, and smaller,
+micro-batched activations no longer fault; a program that only ever runs micro-batches never
+frees a block larger than its own, so its activations, all of one size, are faulted in again
+and again. This script times each method in processes of its own (`--runs` of them per
+method), nothing else run before, and prints per method the median over processes of each
+process's fastest call (and the range), with the minor page faults per call:
+
+- `original`: the eager module as it is, on the whole batch; `original_folded`: its batch
+  norms folded (torch.fx's `fuse`); `original_micro`: folded, on micro-batches of the net's
+  size (`net.resolve_micro_batch`);
+- `early_exit` / `no_exit`: `net.early_exit` with the forced exit pattern (`speed.py`'s) /
+  with nobody leaving, with `net.micro_batch = "auto"`; `early_exit_whole` /
+  `no_exit_whole`: the same with whole batches (`net.micro_batch = None`, the default).
+
+The exit pattern is forced on micro-batches, so that no whole batch runs before the timed
+calls. `--json` writes the per-process results.
+
+    python benchmarks/fresh.py --model resnet110 --n-exits 10 --batch-size 256 --runs 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed
+
+METHODS = (
+    "original",
+    "original_folded",
+    "original_micro",
+    "early_exit",
+    "no_exit",
+    "early_exit_whole",
+    "no_exit_whole",
+)
+NEVER = 2.0  # a threshold above 1: nobody leaves early
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="resnet110")
+    p.add_argument("--n-exits", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=4, help="fresh processes per method")
+    p.add_argument("--calls", type=int, default=5, help="timed calls per process")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--no-channels-last", action="store_true", help="keep NCHW")
+    p.add_argument("--json", help="write the per-process results here")
+    p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    return p
+
+
+def speed_args(args: argparse.Namespace) -> argparse.Namespace:
+    argv = ["--model", args.model, "--n-exits", str(args.n_exits)]
+    return speed.build_parser().parse_args(
+        argv + ([] if args.no_channels_last else ["--channels-last"])
+    )
+
+
+def child(args: argparse.Namespace) -> dict:
+    """One process, one method: its fastest call per sample and its page faults per call."""
+    torch.set_num_threads(args.threads)
+    net = speed.create_net(speed_args(args), torch.device("cpu"))
+    layout = torch.contiguous_format if args.no_channels_last else torch.channels_last
+    x = torch.randn(args.batch_size, *net.input_size, generator=torch.Generator().manual_seed(0))
+    x = x.contiguous(memory_format=layout)
+    micro = speed.auto_micro_batch(net, x) or args.batch_size
+    shares = speed.pattern_shares("uniform", net.num_exits)
+    with torch.inference_mode():
+        speed.force_pattern(net, x, speed.apportion(shares, len(x)), chunk=micro)
+    net.threshold = 0.5
+    folded, _ = speed.fold_original(net.backbone)
+    net.micro_batch = None if args.child.endswith("_whole") else "auto"
+    calls = {
+        "original": lambda: net.backbone(x),
+        "original_folded": lambda: folded(x),
+        "original_micro": lambda: [folded(part) for part in x.split(micro)],
+        "early_exit": lambda: net.early_exit(x),
+        "no_exit": lambda: net.early_exit(x, threshold=NEVER),
+    }
+    call = calls[args.child.removesuffix("_whole")]
+    times, faults = [], []
+    with torch.inference_mode():
+        call()  # warm-up
+        for _ in range(args.calls):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        exits = net.early_exit(x).exit_index
+    return {
+        "method": args.child,
+        "ms_per_sample": 1e3 * min(times) / len(x),
+        "faults_per_call": statistics.median(faults),
+        "micro_batch": micro if micro < len(x) else None,  # of the micro-batched methods
+        "mean_cost": float(net.exit_costs[exits].mean()),
+        "c_n": float(net.exit_costs[-1]),
+    }
+
+
+def run_fresh(argv: list[str], method: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, *argv, "--child", method],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summarize(results: list[dict]) -> dict[str, dict]:
+    by: dict[str, list[dict]] = {}
+    for r in results:
+        by.setdefault(r["method"], []).append(r)
+    return {
+        m: {
+            "median": statistics.median(r["ms_per_sample"] for r in rs),
+            "low": min(r["ms_per_sample"] for r in rs),
+            "high": max(r["ms_per_sample"] for r in rs),
+            "faults": statistics.median(r["faults_per_call"] for r in rs),
+            "mean_cost": rs[0]["mean_cost"],
+            "c_n": rs[0]["c_n"],
+        }
+        for m, rs in by.items()
+    }
+
+
+def print_table(summary: dict[str, dict]) -> None:
+    print(f"{'method':18} {'ms/sample':>9} {'range':>15} {'faults/call':>11}")
+    for m, s in summary.items():
+        span = f"{s['low']:.3f}-{s['high']:.3f}"
+        print(f"{m:18} {s['median']:9.3f} {span:>15} {s['faults']:11.0f}")
+    for suffix in ("", "_whole"):
+        e, n = summary.get("early_exit" + suffix), summary.get("no_exit" + suffix)
+        if e and n:
+            efficiency = n["median"] / e["median"] * e["mean_cost"] / e["c_n"]
+            print(f"efficiency{suffix or ''} (medians): {efficiency:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    forwarded = [a for a in argv if a not in ("--json",)]
+    if args.json:
+        i = forwarded.index(args.json)
+        forwarded.pop(i)
+    results = []
+    for k in range(args.runs):
+        for method in args.methods:  # alternate, so that drift spreads over the methods
+            results.append(run_fresh(forwarded, method))
+            print(f"run {k + 1}/{args.runs} {method}: {results[-1]['ms_per_sample']:.3f} ms/sample")
+    summary = summarize(results)
+    print_table(summary)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
