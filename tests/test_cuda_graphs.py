@@ -30,7 +30,7 @@ from earlyexit.cuda_graphs import (
 from earlyexit.fx._fold import FoldedConvBN
 from earlyexit.inference import exit_mask
 
-from toy_models import ToyNet, spread_confidences
+from toy_models import ToyNet, results_alone, spread_resnet20
 
 POOL = 40
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -67,18 +67,13 @@ def pool() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def net(pool) -> earlyexit.EarlyExitNet:
-    torch.manual_seed(0)
-    net = earlyexit.convert(timm.create_model("resnet20"), n_exits=3).eval()
-    spread_confidences(net, pool)
-    return net
+    return spread_resnet20(pool)
 
 
 @pytest.fixture(scope="module")
 def alone(net, pool) -> earlyexit.EarlyExitResult:
     """Each pool sample's `early_exit` result, computed on that sample alone."""
-    with torch.no_grad():
-        results = [net.early_exit(pool[k : k + 1]) for k in range(POOL)]
-    return earlyexit.EarlyExitResult(*(torch.cat(parts) for parts in zip(*results)))
+    return results_alone(net, pool)
 
 
 def _check(out: earlyexit.EarlyExitResult, alone, index) -> None:

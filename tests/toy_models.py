@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import timm
 import torch
 from torch import nn
+
+import earlyexit
 
 
 class Block(nn.Module):
@@ -74,3 +77,22 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> None:
                 if m.weight is not None:
                     m.weight.copy_(torch.rand(n, generator=g) + 0.5)
                     m.bias.copy_(torch.rand(n, generator=g) - 0.5)
+
+
+#: How many random inputs the `spread_*` fixtures of conftest.py spread over the exits.
+SPREAD_POOL = 40
+
+
+def spread_resnet20(pool: torch.Tensor, n_exits: int = 3) -> nn.Module:
+    """resnet20 with `n_exits` exits, in eval mode, whose confidences spread `pool` out."""
+    torch.manual_seed(0)
+    net = earlyexit.convert(timm.create_model("resnet20"), n_exits=n_exits).eval()
+    spread_confidences(net, pool)
+    return net
+
+
+def results_alone(net, x: torch.Tensor):
+    """Each sample's `net.early_exit` result, computed on that sample alone."""
+    with torch.no_grad():
+        results = [net.early_exit(x[k : k + 1]) for k in range(len(x))]
+    return earlyexit.EarlyExitResult(*(torch.cat(parts) for parts in zip(*results)))
