@@ -1,27 +1,33 @@
 """Each way of running a model timed alone in a fresh process, as a user's program runs it.
 
 `speed.py` interleaves every method in one process, which is fair against noise but not
-against the allocator: glibc serves a block from its heap only when it is smaller than the
-largest block freed so far (its dynamic mmap threshold), and hands every block at least that
-large to the system when it is freed, so it is page-faulted in afresh next time. Once a whole
-batch has run in a process, its large blocks have raised that threshold, and smaller,
-micro-batched activations no longer fault; a program that only ever runs micro-batches never
-frees a block larger than its own, so its activations, all of one size, are faulted in again
-and again. This script times each method in processes of its own (`--runs` of them per
-method), nothing else run before, and prints per method the median over processes of each
-process's fastest call (and the range), with the minor page faults per call:
+against the allocator. glibc maps a block at least as large as its mmap threshold straight
+from the system and unmaps it when it is freed, and it trims the top of its heap once more
+than its trim threshold lies free there; both thresholds rise with the largest mapped block
+freed so far (the trim threshold to twice it). Memory that goes back to the system is
+page-faulted in afresh when it is used again. So once a process has run whole batches, its
+large freed blocks spare smaller, micro-batched activations those faults, while a program that
+only ever runs micro-batches keeps low thresholds. This script times each method in processes
+of its own (`--runs` of them per method), nothing else run before, and prints per method the
+median over processes of each process's fastest call (and the range), with the minor page
+faults per call. A call runs the whole stream of `--samples` inputs in batches of
+`--batch-size`:
 
-- `original`: the eager module as it is, on the whole batch; `original_folded`: its batch
-  norms folded (torch.fx's `fuse`); `original_micro`: folded, on micro-batches of the net's
-  size (`net.resolve_micro_batch`);
-- `early_exit` / `no_exit`: `net.early_exit` with the forced exit pattern (`speed.py`'s) /
-  with nobody leaving, with `net.micro_batch = "auto"`; `early_exit_whole` /
-  `no_exit_whole`: the same with whole batches (`net.micro_batch = None`, the default).
+- `original`: the eager module as it is; `original_folded`: its batch norms folded
+  (torch.fx's `fuse`); `original_micro`: folded, on micro-batches of the size
+  `net.micro_batch = "auto"` picks;
+- `early_exit` / `no_exit`: `net.early_exit` on each batch with the forced exit pattern
+  (`speed.py`'s) / with nobody leaving, with the library's defaults (whole batches);
+  `early_exit_micro` / `no_exit_micro`: the same with `net.micro_batch = "auto"`;
+- `predict` / `predict_no_exit`: `earlyexit.predict(net, batches, batch_size=batch_size)`
+  over the stream, defaults.
 
-The exit pattern is forced on micro-batches, so that no whole batch runs before the timed
+The exit pattern is forced on micro-batches, so that no large batch runs before the timed
 calls. `--json` writes the per-process results.
 
     python benchmarks/fresh.py --model resnet110 --n-exits 10 --batch-size 256 --runs 4
+    python benchmarks/fresh.py --batch-size 16 --samples 256 --methods original_folded \
+        early_exit no_exit predict predict_no_exit
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+import earlyexit
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed
 
@@ -46,8 +54,10 @@ METHODS = (
     "original_micro",
     "early_exit",
     "no_exit",
-    "early_exit_whole",
-    "no_exit_whole",
+    "early_exit_micro",
+    "no_exit_micro",
+    "predict",
+    "predict_no_exit",
 )
 NEVER = 2.0  # a threshold above 1: nobody leaves early
 
@@ -57,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="resnet110")
     p.add_argument("--n-exits", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--samples", type=int, help="inputs per call (default: one batch)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=4, help="fresh processes per method")
     p.add_argument("--calls", type=int, default=5, help="timed calls per process")
@@ -79,7 +90,8 @@ def child(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     net = speed.create_net(speed_args(args), torch.device("cpu"))
     layout = torch.contiguous_format if args.no_channels_last else torch.channels_last
-    x = torch.randn(args.batch_size, *net.input_size, generator=torch.Generator().manual_seed(0))
+    samples = args.samples or args.batch_size
+    x = torch.randn(samples, *net.input_size, generator=torch.Generator().manual_seed(0))
     x = x.contiguous(memory_format=layout)
     micro = speed.auto_micro_batch(net, x) or args.batch_size
     shares = speed.pattern_shares("uniform", net.num_exits)
@@ -87,15 +99,25 @@ def child(args: argparse.Namespace) -> dict:
         speed.force_pattern(net, x, speed.apportion(shares, len(x)), chunk=micro)
     net.threshold = 0.5
     folded, _ = speed.fold_original(net.backbone)
-    net.micro_batch = None if args.child.endswith("_whole") else "auto"
+    if args.child.endswith("_micro"):
+        net.micro_batch = "auto"
+    batches = list(x.split(args.batch_size))
+
+    def stream(threshold: float | None = None):
+        return earlyexit.predict(
+            net, batches, batch_size=args.batch_size, threshold=threshold, progress=False
+        )
+
     calls = {
-        "original": lambda: net.backbone(x),
-        "original_folded": lambda: folded(x),
-        "original_micro": lambda: [folded(part) for part in x.split(micro)],
-        "early_exit": lambda: net.early_exit(x),
-        "no_exit": lambda: net.early_exit(x, threshold=NEVER),
+        "original": lambda: [net.backbone(b) for b in batches],
+        "original_folded": lambda: [folded(b) for b in batches],
+        "original_micro": lambda: [folded(part) for b in batches for part in b.split(micro)],
+        "early_exit": lambda: [net.early_exit(b) for b in batches],
+        "no_exit": lambda: [net.early_exit(b, threshold=NEVER) for b in batches],
+        "predict": stream,
+        "predict_no_exit": lambda: stream(NEVER),
     }
-    call = calls[args.child.removesuffix("_whole")]
+    call = calls[args.child.removesuffix("_micro")]
     times, faults = [], []
     with torch.inference_mode():
         call()  # warm-up
@@ -105,12 +127,12 @@ def child(args: argparse.Namespace) -> dict:
             call()
             times.append(time.perf_counter() - start)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-        exits = net.early_exit(x).exit_index
+        exits = torch.cat([net.early_exit(b).exit_index for b in batches])
     return {
         "method": args.child,
         "ms_per_sample": 1e3 * min(times) / len(x),
         "faults_per_call": statistics.median(faults),
-        "micro_batch": micro if micro < len(x) else None,  # of the micro-batched methods
+        "micro_batch": micro if micro < args.batch_size else None,  # of the micro methods
         "mean_cost": float(net.exit_costs[exits].mean()),
         "c_n": float(net.exit_costs[-1]),
     }
@@ -148,11 +170,12 @@ def print_table(summary: dict[str, dict]) -> None:
     for m, s in summary.items():
         span = f"{s['low']:.3f}-{s['high']:.3f}"
         print(f"{m:18} {s['median']:9.3f} {span:>15} {s['faults']:11.0f}")
-    for suffix in ("", "_whole"):
-        e, n = summary.get("early_exit" + suffix), summary.get("no_exit" + suffix)
+    pairs = [("early_exit", "no_exit"), ("early_exit_micro", "no_exit_micro")]
+    for method, nobody in [*pairs, ("predict", "predict_no_exit")]:
+        e, n = summary.get(method), summary.get(nobody)
         if e and n:
             efficiency = n["median"] / e["median"] * e["mean_cost"] / e["c_n"]
-            print(f"efficiency{suffix or ''} (medians): {efficiency:.3f}")
+            print(f"efficiency of {method} (medians): {efficiency:.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:

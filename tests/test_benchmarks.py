@@ -304,12 +304,12 @@ def test_fresh_times_each_method_in_a_process_of_its_own(script, tmp_path, capsy
     fresh = script("fresh")
     saved = tmp_path / "fresh.json"
     argv = ["--model", "resnet20", "--n-exits", "3", "--batch-size", "8", "--threads", "1"]
-    argv += ["--runs", "1", "--calls", "1", "--methods", "early_exit", "no_exit_whole"]
+    argv += ["--runs", "1", "--calls", "1", "--methods", "early_exit", "no_exit_micro", "predict"]
     assert fresh.main([*argv, "--json", str(saved)]) == 0
     printed = capsys.readouterr().out
-    assert "early_exit" in printed and "no_exit_whole" in printed
+    assert "early_exit" in printed and "no_exit_micro" in printed
     runs = json.loads(saved.read_text())["runs"]
-    assert [r["method"] for r in runs] == ["early_exit", "no_exit_whole"]
+    assert [r["method"] for r in runs] == ["early_exit", "no_exit_micro", "predict"]
     assert all(r["ms_per_sample"] > 0 and r["faults_per_call"] >= 0 for r in runs)
     assert runs[0]["micro_batch"] is None  # resnet20's 64 is more than the batch of 8
     assert 0 < runs[0]["mean_cost"] < runs[0]["c_n"]
