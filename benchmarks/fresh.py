@@ -184,14 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(args)))
         return 0
-    forwarded = [a for a in argv if a not in ("--json",)]
-    if args.json:
-        i = forwarded.index(args.json)
-        forwarded.pop(i)
-    results = []
+    results = []  # the children take the same arguments (and ignore --json)
     for k in range(args.runs):
         for method in args.methods:  # alternate, so that drift spreads over the methods
-            results.append(run_fresh(forwarded, method))
+            results.append(run_fresh(argv, method))
             print(f"run {k + 1}/{args.runs} {method}: {results[-1]['ms_per_sample']:.3f} ms/sample")
     summary = summarize(results)
     print_table(summary)

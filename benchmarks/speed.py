@@ -64,9 +64,8 @@ shared machine, `--clock process` times this process's CPU time instead of the w
 first, which measures the library's own overhead apart from page faults: with glibc's defaults
 activations are page-faulted in afresh, 15-40 % of a CPU forward pass of the original module;
 the stages that inference runs write into their own temporaries where they can
-(`earlyexit/fx/_inplace.py`), so they allocate, and fault, less than the original module, and on
-the CPU they run a batch above `net.micro_batch` in micro-batches, whose activations stay in
-glibc's heap and in the caches, so they do not fault at all.
+(`earlyexit/fx/_inplace.py`), so they allocate, and fault, less than the original module. The
+methods share this process's allocator state (`fresh.py` times each alone).
 
 `--preset issue` runs ResNet-110 (32×32, 10 pareto exits), timm `resnet50` and
 `deit_small_patch16_224` (224×224, 4 pareto exits each), uniform pattern, at batch 16 on CPU
@@ -745,7 +744,9 @@ def measure(
     # keeps glibc from page-faulting smaller ones, a favour a program that only runs
     # micro-batches never gets (`fresh.py` times each way in a process of its own).
     micro = None if graphs else net.resolve_micro_batch(batches[0])
-    if micro is not None and micro < batch_size:
+    if micro is not None and micro >= batch_size:
+        micro = None  # one batch is one micro-batch
+    if micro is not None:
         fns["original_micro"] = run(lambda b: [best(part) for part in b.split(micro)])
         if folded:
             fns["original_micro_as_is"] = run(lambda b: [original(part) for part in b.split(micro)])
@@ -860,7 +861,7 @@ def measure(
         ms_per_sample_reference=None if ref_time is None else 1e3 * ref_time,
         efficiency=efficiency,
         overhead=overhead,
-        micro_batch=micro if micro is not None and micro < batch_size else None,
+        micro_batch=micro,
         speedup_vs_reference=None if ref_time is None else ref_time / med["early_exit"],
         rounds=rounds,
         model=args.model,

@@ -185,8 +185,8 @@ class EarlyExitNet(nn.Module):
         allocator, though. glibc's hands a freed block back to
         the system, to be page-faulted in again, once the free memory at the top of its heap
         exceeds twice the largest block freed so far; in a process that only ever runs
-        micro-batches that limit stays low, and there micro-batches were no faster than whole
-        batches (`benchmarks/fresh.py`). With an allocator that keeps freed memory (jemalloc,
+        micro-batches that limit stays low, and there micro-batches were 7-11 % slower than
+        whole batches (`benchmarks/fresh.py`). With an allocator that keeps freed memory (jemalloc,
         tcmalloc, or glibc with `MALLOC_TRIM_THRESHOLD_` set), or in a process that has
         already freed larger blocks, they pay. The docs' speed page has the numbers.
 

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,7 +24,7 @@ import earlyexit._pipeline
 import earlyexit.stream
 from earlyexit.stream import Prediction
 
-from toy_models import spread_confidences
+from toy_models import spread_resnet20
 
 POOL = 40  # samples the streams are drawn from
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -33,10 +32,7 @@ TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 def _make_net() -> earlyexit.EarlyExitNet:
     """resnet20 with 3 exits whose confidences spread the pool over all four exits."""
-    torch.manual_seed(0)
-    net = earlyexit.convert(timm.create_model("resnet20"), n_exits=3).eval()
-    spread_confidences(net, _pool())
-    return net
+    return spread_resnet20(_pool())
 
 
 def _pool() -> torch.Tensor:
