@@ -23,7 +23,14 @@ faults per call. A call runs the whole stream of `--samples` inputs in batches o
   over the stream, defaults.
 
 The exit pattern is forced on micro-batches, so that no large batch runs before the timed
-calls. `--json` writes the per-process results.
+calls. After its timed calls, a process of `early_exit`, `early_exit_micro` or `predict` also
+times each stage and exit head alone on the whole batch (on micro-batches for
+`early_exit_micro`), with nobody leaving, as `speed.py` does for its *time ideal*: the time
+per sample Σ_i r_i (s_i + h_i) if every stage ran at full batch and leaving cost nothing, with
+r_i the share of samples that reach stage i. `time ideal ÷ the method's time` is then how much
+of what the stages' own speeds allow the method reaches, apart from the MACs: at 32×32 the
+first stages of a CIFAR ResNet take a larger share of the time than of the MACs, so that
+leaving after them saves less time than MACs. `--json` writes the per-process results.
 
     python benchmarks/fresh.py --model resnet110 --n-exits 10 --batch-size 256 --runs 4
     python benchmarks/fresh.py --batch-size 16 --samples 256 --methods original_folded \
@@ -33,6 +40,7 @@ calls. `--json` writes the per-process results.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -128,6 +136,10 @@ def child(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - start)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         exits = torch.cat([net.early_exit(b).exit_index for b in batches])
+    histogram = torch.bincount(exits, minlength=net.num_exits + 1).tolist()
+    ideal = None
+    if args.child in TIME_IDEAL_METHODS:  # after the timed calls: they ran in a fresh process
+        ideal = time_ideal_ms(net, batches, histogram, args, micro if net.micro_batch else None)
     return {
         "method": args.child,
         "ms_per_sample": 1e3 * min(times) / len(x),
@@ -135,7 +147,37 @@ def child(args: argparse.Namespace) -> dict:
         "micro_batch": micro if micro < args.batch_size else None,  # of the micro methods
         "mean_cost": float(net.exit_costs[exits].mean()),
         "c_n": float(net.exit_costs[-1]),
+        "exit_histogram": histogram,
+        "time_ideal_ms": ideal,
     }
+
+
+TIME_IDEAL_METHODS = ("early_exit", "early_exit_micro", "predict")
+
+
+def time_ideal_ms(
+    net: earlyexit.EarlyExitNet,
+    batches: list[torch.Tensor],
+    histogram: list[int],
+    args: argparse.Namespace,
+    micro: int | None,
+) -> float:
+    """Σ_i r_i (s_i + h_i) in ms per sample: each stage and head alone, fastest of the calls."""
+    pieces = speed.full_batch_pieces(net, batches[0], 1, False, contextlib.nullcontext, micro)
+    fastest = {}
+    for name, piece in pieces.items():
+        piece()  # warm-up
+        fastest[name] = min(_seconds(piece) for _ in range(args.calls)) / len(batches[0])
+    n = net.num_exits
+    stage_s = [fastest[f"stage:{i}"] for i in range(n + 1)]
+    head_s = [fastest[f"head:{i}"] for i in range(n)]
+    return 1e3 * speed.ideal_time_per_sample(histogram, stage_s, head_s)
+
+
+def _seconds(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
 
 
 def run_fresh(argv: list[str], method: str) -> dict:
@@ -160,9 +202,15 @@ def summarize(results: list[dict]) -> dict[str, dict]:
             "faults": statistics.median(r["faults_per_call"] for r in rs),
             "mean_cost": rs[0]["mean_cost"],
             "c_n": rs[0]["c_n"],
+            "time_ideal": _median_or_none([r.get("time_ideal_ms") for r in rs]),
         }
         for m, rs in by.items()
     }
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def print_table(summary: dict[str, dict]) -> None:
@@ -176,6 +224,13 @@ def print_table(summary: dict[str, dict]) -> None:
         if e and n:
             efficiency = n["median"] / e["median"] * e["mean_cost"] / e["c_n"]
             print(f"efficiency of {method} (medians): {efficiency:.3f}")
+    for method, s in summary.items():
+        if s["time_ideal"] is not None:
+            share = s["time_ideal"] / s["median"]
+            print(
+                f"time ideal of {method}: {s['time_ideal']:.3f} ms/sample; the method reaches "
+                f"{share:.3f} of it (medians)"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -313,3 +313,55 @@ def test_fresh_times_each_method_in_a_process_of_its_own(script, tmp_path, capsy
     assert all(r["ms_per_sample"] > 0 and r["faults_per_call"] >= 0 for r in runs)
     assert runs[0]["micro_batch"] is None  # resnet20's 64 is more than the batch of 8
     assert 0 < runs[0]["mean_cost"] < runs[0]["c_n"]
+    assert sum(runs[0]["exit_histogram"]) == 8 and runs[0]["exit_histogram"][0] > 0
+    # The time ideal of the methods that leave early: less than everyone running every stage.
+    assert runs[1]["time_ideal_ms"] is None
+    for r in (runs[0], runs[2]):
+        assert r["time_ideal_ms"] > 0
+    assert "time ideal of early_exit" in printed and "time ideal of predict" in printed
+
+
+def test_fresh_time_ideal_weighs_each_stage_by_the_samples_that_reach_it(script, monkeypatch):
+    fresh = script("fresh")
+    net = earlyexit.convert(timm.create_model("resnet20"), n_exits=2, dist="linear")
+    net.eval()
+    batches = [torch.randn(4, *net.input_size)]
+    # Each piece's fake duration on the batch of 4: stage i takes 4 (i + 1) s, head i 40 s.
+    pieces = {f"stage:{i}": i + 1.0 for i in range(3)} | {f"head:{i}": 10.0 for i in range(2)}
+    fake = {name: (lambda name=name: name) for name in pieces}
+    monkeypatch.setattr(fresh.speed, "full_batch_pieces", lambda *a: fake)
+    monkeypatch.setattr(fresh, "_seconds", lambda call: 4 * pieces[call()])
+    args = fresh.build_parser().parse_args(["--calls", "2"])
+    ideal = fresh.time_ideal_ms(net, batches, [2, 1, 1], args, None)
+    # r = (1, 1/2, 1/4): (1 + 10) + (2 + 10) / 2 + 3 / 4, per sample of the batch of 4, in ms
+    assert ideal == pytest.approx(1e3 * (11 + 6 + 0.75))
+
+
+def test_recipe_plot_lays_out_many_settings_in_rows(script, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    recipe = script("recipe")
+    records = [
+        recipe.Record(
+            setting=f"s{i}",
+            variant="loss=exits,head=conv",
+            seed=0,
+            plain_accuracy=0.9,
+            exit_accuracy=[0.8, 0.9],
+            exit_costs=[0.5, 1.0],
+            default={"accuracy": 0.9, "cost": 0.7},
+            best={},
+            curves={"learned": [[0.5, 0.8], [1.0, 0.9]]},
+        )
+        for i in range(recipe.PLOT_COLUMNS + 1)
+    ]
+    shapes = []
+    import matplotlib.pyplot as plt
+
+    subplots = plt.subplots
+    monkeypatch.setattr(
+        plt, "subplots", lambda r, c, **kw: shapes.append((r, c)) or subplots(r, c, **kw)
+    )
+    png = tmp_path / "recipe.png"
+    recipe.plot(records, str(png))
+    assert png.stat().st_size > 0
+    assert shapes == [(2, recipe.PLOT_COLUMNS)]  # five panels: a second row, not one long strip
