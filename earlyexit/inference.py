@@ -18,6 +18,7 @@ from earlyexit.outputs import EarlyExitResult
 
 __all__ = [
     "ExitSplit",
+    "check_inputs",
     "check_threshold",
     "exit_mask",
     "record_exit",
@@ -45,6 +46,59 @@ def check_threshold(threshold: object) -> float:
             "paper's value; values above 1 mean that no sample leaves early."
         )
     return threshold
+
+
+def check_inputs(
+    x: object, input_size: tuple[int, ...], parameter: torch.Tensor | None, name: str = "x"
+) -> None:
+    """Check an input batch against the net before any stage runs on it.
+
+    Args:
+        x: the batch.
+        input_size: the net's `(C, H, W)`, or `()` when unknown (then only the type is checked).
+        parameter: one of the net's parameters (its device and dtype), or None.
+        name: what the error messages call `x`.
+
+    Raises:
+        TypeError: `x` is not a floating-point tensor, or not of the parameters' dtype
+            (outside autocast).
+        ValueError: `x` does not have one sample per row of `input_size`'s rank, or has
+            another number of channels, or lies on another device than the net.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"Expected `{name}` to be a tensor, got {type(x).__name__}. Hint: stack the "
+            "inputs into one batch with `torch.stack`."
+        )
+    if not x.is_floating_point():
+        raise TypeError(
+            f"Expected `{name}` to hold floating-point inputs, got {x.dtype}. Hint: convert "
+            "and normalize them as for the original model (e.g. `x.float() / 255`)."
+        )
+    if input_size:
+        shape = f"(B, {', '.join(map(str, input_size))})"
+        if x.ndim == len(input_size):
+            raise ValueError(
+                f"Expected `{name}` to be a batch of shape {shape}, got {tuple(x.shape)}. "
+                f"Hint: a single input needs a batch dimension: `{name}.unsqueeze(0)`."
+            )
+        if x.ndim != len(input_size) + 1 or x.shape[1] != input_size[0]:
+            raise ValueError(
+                f"Expected `{name}` to have shape {shape} (`net.input_size`; other sizes "
+                f"only where the model allows them), got {tuple(x.shape)}."
+            )
+    if parameter is None:
+        return
+    if x.device != parameter.device:
+        raise ValueError(
+            f"Expected `{name}` on the net's device, {parameter.device}, got {x.device}. "
+            f"Hint: `{name}.to({str(parameter.device)!r})`."
+        )
+    if x.dtype != parameter.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"Expected `{name}` in the net's dtype, {parameter.dtype}, got {x.dtype}. Hint: "
+            f"`{name}.to({parameter.dtype})`, or run under `torch.autocast`."
+        )
 
 
 def exit_mask(confidence_logits: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -18,7 +18,7 @@ from earlyexit.flops import FlopProfile, count_macs, profile_analysis, resolve_i
 from earlyexit.fx.analysis import analyse_model, find_by_name
 from earlyexit.fx.split import StagedGraph, split_model
 from earlyexit.heads import ExitHead
-from earlyexit.inference import check_threshold, run_early_exit
+from earlyexit.inference import check_inputs, check_threshold, run_early_exit
 from earlyexit.outputs import EarlyExitResult, ExitOutputs
 from earlyexit.placement import distribution_targets, fit_exits
 
@@ -300,8 +300,14 @@ class EarlyExitNet(nn.Module):
 
         Returns:
             `EarlyExitResult(logits, exit_index, cost)`.
+
+        Raises:
+            TypeError: `x` is not a floating-point tensor in the net's dtype (outside autocast).
+            ValueError: `x` is not a batch of `input_size`'s rank and channels, or lies on
+                another device than the net; or `threshold` is NaN or negative.
         """
         t = self.threshold if threshold is None else check_threshold(threshold)
+        check_inputs(x, self.input_size, next(self.parameters(), None))
         stages, heads = self._inference_stages(), self._exit_heads()
         micro = self.resolve_micro_batch(x)
         # Micro-batches only where every module is in eval mode: a train-mode batch norm

@@ -536,3 +536,26 @@ def test_cli_profile(capsys):
     assert "layer1.0" in out
     for dist in DISTRIBUTIONS:
         assert dist in out
+
+
+@pytest.mark.parametrize(
+    ("x", "error", "match"),
+    [
+        ([[0.0]], TypeError, "to be a tensor"),
+        (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), TypeError, r"x\.float\(\) / 255"),
+        (torch.zeros(3, 32, 32), ValueError, r"unsqueeze\(0\)"),
+        (torch.zeros(2, 1, 32, 32), ValueError, r"\(B, 3, 32, 32\)"),
+        (torch.zeros(2, 3, 32, 32, dtype=torch.float64), TypeError, "torch.float32"),
+        (torch.zeros(2, 3, 32, 32, device="meta"), ValueError, "net's device, cpu"),
+    ],
+)
+def test_early_exit_names_bad_inputs(x, error, match):
+    net = earlyexit.convert(timm.create_model("resnet20"), n_exits=2).eval()
+    with pytest.raises(error, match=match):
+        net.early_exit(x)
+    with pytest.raises(error, match=match):
+        net(x)  # eval-mode forward is early exit
+    other_size = torch.zeros(2, 3, 40, 40)  # a convolutional net takes other sizes
+    assert net.early_exit(other_size).logits.shape == (2, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the net casts for itself
+        assert net.early_exit(torch.zeros(2, 3, 32, 32, dtype=torch.bfloat16)).logits.shape[0] == 2
