@@ -467,7 +467,9 @@ PLOT_COLUMNS = 4  # panels per row of the trade-off plot
 
 
 def plot(records: list[Record], path: str) -> None:
-    """Accuracy against mean cost (learned confidence), one panel per setting, first seed.
+    """Accuracy against mean cost (learned confidence), one panel per setting and one seed.
+
+    The seed is the one with the most variants (the first such).
 
     Variants that change the backbone's init are left out: their plain model is another one.
     """
@@ -483,7 +485,8 @@ def plot(records: list[Record], path: str) -> None:
     for ax in axes.flat[len(settings) :]:
         ax.set_visible(False)
     for ax, setting in zip(axes.flat, settings):
-        seed = min(r.seed for r in records if r.setting == setting)
+        seeds = [r.seed for r in records if r.setting == setting]
+        seed = min(seeds, key=lambda k: (-seeds.count(k), k))  # the one with the most variants
         rs = [r for r in records if r.setting == setting and r.seed == seed]
         rs = [r for r in rs if parse_variant(r.variant)["zi"] == "0"]
         top = 0.0

@@ -182,13 +182,14 @@ class EarlyExitNet(nn.Module):
         Smaller batches keep the activations in the CPU's caches, which can make a large batch
         much faster: in a process that had run whole batches before, ResNet-110 at batch 256
         ran 1.3× as fast or more on micro-batches of 64. Whether it pays depends on the
-        allocator, though. glibc's hands a freed block back to
-        the system, to be page-faulted in again, once the free memory at the top of its heap
-        exceeds twice the largest block freed so far; in a process that only ever runs
-        micro-batches that limit stays low, and there micro-batches were 7-11 % slower than
-        whole batches (`benchmarks/fresh.py`). With an allocator that keeps freed memory (jemalloc,
-        tcmalloc, or glibc with `MALLOC_TRIM_THRESHOLD_` set), or in a process that has
-        already freed larger blocks, they pay. The docs' speed page has the numbers.
+        allocator, though. glibc's hands a freed block back to the system, to be
+        page-faulted in again, once the free memory at the top of its heap exceeds twice the
+        largest block freed so far; in a process that only ever runs micro-batches that
+        limit stays low, and there micro-batches were no faster than whole batches (7-11 %
+        slower, or within 3 %, in two sets of `benchmarks/fresh.py`). With an allocator that
+        keeps freed memory (jemalloc, tcmalloc, or glibc with `MALLOC_TRIM_THRESHOLD_` set),
+        or in a process that has already freed larger blocks, they pay. The docs' speed page
+        has the numbers.
 
         `"auto"`: as many samples as keep the model's largest activation within
         `MICRO_BATCH_BYTES` (4 MiB), and at least 4, from the sizes seen at conversion (in the
