@@ -167,17 +167,12 @@ def time_ideal_ms(
     fastest = {}
     for name, piece in pieces.items():
         piece()  # warm-up
-        fastest[name] = min(_seconds(piece) for _ in range(args.calls)) / len(batches[0])
+        times = [speed.timed(piece, args.threads, torch.device("cpu")) for _ in range(args.calls)]
+        fastest[name] = min(times) / len(batches[0])
     n = net.num_exits
     stage_s = [fastest[f"stage:{i}"] for i in range(n + 1)]
     head_s = [fastest[f"head:{i}"] for i in range(n)]
     return 1e3 * speed.ideal_time_per_sample(histogram, stage_s, head_s)
-
-
-def _seconds(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
 
 
 def run_fresh(argv: list[str], method: str) -> dict:
