@@ -37,6 +37,9 @@ Settings (MNIST from `--data-dir`, torchvision's layout; digits from scikit-lear
     mnist-r20s    resnet20, 4 pareto exits, 1500 training images, 3 epochs: fewer samples
     mnist-r20f    resnet20, 4 pareto exits, all 60000 training images, 2 epochs
     mnist-r8f     EENet-8 as mnist-r8, all 60000 training images, 2 epochs
+    mnist-r20h    mnist-r20f on harder data: each image overlaid with another digit at a
+                  random intensity in [0, 1] (easy to ambiguous samples)
+    mnist-r8h     mnist-r8f on the same harder data
     digits-r8     resnet8 width 4, 2 quadratic exits, digits, 16 epochs at a constant rate
     digits-r8c    the demo: the same with the rate annealed to 0 over the epochs (cosine)
 
@@ -132,6 +135,10 @@ SETTINGS["digits-r8c"] = dict(SETTINGS["digits-r8"], schedule="cosine")
 # batch 64, Adam 1e-3), on MNIST:
 SETTINGS["mnist-r20f"] = dict(SETTINGS["mnist-r20"], train=None)
 SETTINGS["mnist-r8f"] = dict(SETTINGS["mnist-r8"], train=None)
+# The same protocol on harder data, with samples from easy to ambiguous (as in natural image
+# sets, unlike clean MNIST): each image overlaid with another digit at a random intensity.
+SETTINGS["mnist-r20h"] = dict(SETTINGS["mnist-r20f"], overlay=True)
+SETTINGS["mnist-r8h"] = dict(SETTINGS["mnist-r8f"], overlay=True)
 
 DEFAULT_VARIANTS = (
     "loss=exits,head=conv",  # the library's defaults (grad_scale 0.3)
@@ -185,10 +192,31 @@ def _data(setting: dict, data_dir: str, seed: int) -> tuple[TensorDataset, Tenso
     if setting["data"] == "digits":
         return load_digits_data(seed)
     train, test = load_mnist_data(data_dir)
+    if setting.get("overlay"):
+        train, test = overlay_digits(train, seed=0), overlay_digits(test, seed=1)
     generator = torch.Generator().manual_seed(1000 + seed)
     if setting["train"] is not None:
         train = Subset(train, torch.randperm(len(train), generator=generator)[: setting["train"]])
     return train, Subset(test, range(TEST_SAMPLES))
+
+
+def overlay_digits(data: TensorDataset, seed: int) -> TensorDataset:
+    """Each image overlaid (pixel-wise max) with another image of the set at an intensity
+    drawn uniformly from [0, 1]; the label stays the first image's.
+
+    Faint distractors leave a sample easy; near full intensity the two digits are alike and
+    the label is a guess, so difficulty ranges from none to ambiguous. The draw is fixed by
+    `seed` (the data set is the same for every training seed).
+    """
+    from earlyexit.models.mnist_resnet import MNIST_MEAN, MNIST_STD
+
+    x, y = data.tensors
+    generator = torch.Generator().manual_seed(seed)
+    other = torch.randperm(len(x), generator=generator)
+    alpha = torch.rand(len(x), 1, 1, 1, generator=generator)
+    raw = x * MNIST_STD[0] + MNIST_MEAN[0]
+    mixed = torch.maximum(raw, alpha * raw[other])
+    return TensorDataset((mixed - MNIST_MEAN[0]) / MNIST_STD[0], y)
 
 
 def _harmless_labels(log_probs, final_log_probs, labels):

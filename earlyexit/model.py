@@ -192,9 +192,10 @@ class EarlyExitNet(nn.Module):
         has the numbers.
 
         `"auto"`: as many samples as keep the model's largest activation within
-        `MICRO_BATCH_BYTES` (4 MiB), and at least 4, from the sizes seen at conversion (in the
-        dtype the net was converted in), scaled to the input's size: 64 for a CIFAR ResNet at
-        32×32, 4 for timm's `resnet50` and `deit_small_patch16_224` at 224×224.
+        `MICRO_BATCH_BYTES` (4 MiB), and at least 4, from the sizes seen at conversion, scaled
+        to the input's size and to the dtype the run computes in (autocast's where it is on,
+        else the input's): 64 for a CIFAR ResNet at 32×32 in float32, 128 under bfloat16
+        autocast, 4 for timm's `resnet50` and `deit_small_patch16_224` at 224×224.
 
         Raises:
             TypeError, ValueError: on assignment, for anything but "auto", None or a positive
@@ -231,11 +232,16 @@ class EarlyExitNet(nn.Module):
             return None
         if self._micro_batch != "auto":
             return int(self._micro_batch)
-        per_sample = self.staged.activation_bytes
+        per_sample = self.staged.activation_elements
         traced = math.prod(self.input_size)
         if per_sample <= 0 or traced <= 0 or x.ndim < 1:
             return None
-        per_sample *= math.prod(x.shape[1:]) / traced
+        # The activations' dtype: autocast's where it is on, else the input's.
+        if torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+        else:
+            dtype = x.dtype if x.is_floating_point() else torch.float32
+        per_sample *= dtype.itemsize * math.prod(x.shape[1:]) / traced
         return max(MIN_MICRO_BATCH, int(MICRO_BATCH_BYTES // max(per_sample, 1.0)))
 
     @property

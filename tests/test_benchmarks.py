@@ -278,6 +278,28 @@ def test_recipe_variants_and_its_confidence_targets(script, monkeypatch):
     assert len(calls) == 2  # one per early exit
 
 
+def test_recipe_overlay_keeps_labels_and_mixes_in_another_digit(script):
+    recipe = script("recipe")
+    from earlyexit.models.mnist_resnet import MNIST_MEAN, MNIST_STD
+
+    raw = torch.rand(50, 1, 28, 28)
+    labels = torch.arange(50) % 10
+    data = torch.utils.data.TensorDataset((raw - MNIST_MEAN[0]) / MNIST_STD[0], labels)
+    first = recipe.overlay_digits(data, seed=0)
+    again = recipe.overlay_digits(data, seed=0)
+    other = recipe.overlay_digits(data, seed=1)
+    assert torch.equal(first.tensors[0], again.tensors[0])  # a fixed data set, not a draw per run
+    assert not torch.equal(first.tensors[0], other.tensors[0])
+    assert torch.equal(first.tensors[1], labels)
+    mixed = first.tensors[0] * MNIST_STD[0] + MNIST_MEAN[0]
+    # Never darker than the image itself, never brighter than the brighter of the two images.
+    assert (mixed >= raw - 1e-5).all()
+    assert (mixed <= raw.amax(0, keepdim=True).expand_as(raw) + 1e-5).all()
+    assert (mixed > raw + 1e-3).any()  # something was mixed in
+    hard = recipe.SETTINGS["mnist-r20h"]
+    assert hard["overlay"] and hard["train"] is None  # all 60,000 training images
+
+
 def test_recipe_relative_precision_shift(script, monkeypatch):
     recipe = script("recipe")
     labels = torch.zeros(10, dtype=torch.long)

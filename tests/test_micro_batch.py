@@ -86,8 +86,8 @@ def test_the_thresholds_still_decide(spread_net, spread_pool, monkeypatch):
 
 
 def test_auto_keeps_the_largest_activation_within_the_budget(spread_net, spread_pool, monkeypatch):
-    # resnet20's largest activation: 16 channels at 32 × 32, float32
-    assert spread_net.staged.activation_bytes == 16 * 32 * 32 * 4
+    # resnet20's largest activation: 16 channels at 32 × 32
+    assert spread_net.staged.activation_elements == 16 * 32 * 32
     assert spread_net.micro_batch is None  # the default: whole batches
     assert spread_net.resolve_micro_batch(spread_pool) is None
     monkeypatch.setattr(spread_net, "micro_batch", "auto")
@@ -98,6 +98,10 @@ def test_auto_keeps_the_largest_activation_within_the_budget(spread_net, spread_
     assert spread_net.resolve_micro_batch(torch.zeros(2, 3, 64, 64)) == 16
     # never fewer than the minimum, however large the input
     assert spread_net.resolve_micro_batch(torch.zeros(1, 3, 1024, 1024)) == MIN_MICRO_BATCH
+    # in the dtype the run computes in: bfloat16 activations take half the bytes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert spread_net.resolve_micro_batch(spread_pool) == 128
+    assert spread_net.resolve_micro_batch(spread_pool.double()) == 32
 
 
 def test_whole_batches_off_the_cpu_when_asked_and_in_train_mode(

@@ -261,8 +261,8 @@ class ModelAnalysis:
             most one per block, in execution order.
         input_size: the `(C, H, W)` the graphs were run at.
         num_classes: the size of the model's output.
-        activation_bytes: the bytes per sample of the eval graph's largest tensor with a batch
-            dimension, at `input_size` in the model's dtype (0 when none was recorded).
+        activation_elements: the elements per sample of the eval graph's largest tensor with
+            a batch dimension, at `input_size` (0 when none was recorded).
     """
 
     eval_graph: GraphAnalysis
@@ -270,7 +270,7 @@ class ModelAnalysis:
     cut_points: tuple[CutPoint, ...]
     input_size: tuple[int, ...]
     num_classes: int
-    activation_bytes: int = 0
+    activation_elements: int = 0
 
     def find(self, name: str) -> CutPoint | None:
         """The cut point with this name or alias, if any."""
@@ -351,14 +351,14 @@ def analyse_model(model: nn.Module, input_size: tuple[int, ...]) -> ModelAnalysi
         cut_points,
         tuple(input_size),
         int(out.shape[1]),
-        _largest_sample_bytes(first.tensors.values(), batch),
+        _largest_sample_elements(first.tensors.values(), batch),
     )
 
 
-def _largest_sample_bytes(tensors: Iterable[TensorMetadata], batch: int) -> int:
-    """The bytes per sample of the largest tensor whose first dimension is the batch."""
+def _largest_sample_elements(tensors: Iterable[TensorMetadata], batch: int) -> int:
+    """The elements per sample of the largest tensor whose first dimension is the batch."""
     sizes = [
-        math.prod(meta.shape[1:]) * meta.dtype.itemsize
+        math.prod(meta.shape[1:])
         for meta in tensors
         if len(meta.shape) > 1 and meta.shape[0] == batch
     ]

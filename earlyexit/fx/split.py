@@ -38,8 +38,8 @@ class StagedGraph(nn.Module):
         cut_points: the cut point after which each stage but the last ends.
         input_size: the `(C, H, W)` the model was traced at.
         num_classes: the size of the model's output.
-        activation_bytes: the bytes per sample of the model's largest activation at
-            `input_size` (`ModelAnalysis.activation_bytes`); 0 when unknown.
+        activation_elements: the elements per sample of the model's largest activation at
+            `input_size` (`ModelAnalysis.activation_elements`); 0 when unknown.
     """
 
     def __init__(
@@ -48,7 +48,7 @@ class StagedGraph(nn.Module):
         cut_points: Sequence[CutPoint],
         input_size: Sequence[int],
         num_classes: int,
-        activation_bytes: int = 0,
+        activation_elements: int = 0,
     ) -> None:
         super().__init__()
         if set(stages) != {False, True}:
@@ -62,7 +62,7 @@ class StagedGraph(nn.Module):
         self.cut_points = tuple(cut_points)
         self.input_size = tuple(input_size)
         self.num_classes = int(num_classes)
-        self.activation_bytes = int(activation_bytes)
+        self.activation_elements = int(activation_elements)
         # Plain attributes, not submodules: see the class docstring.
         self._stages = {mode: tuple(chain) for mode, chain in stages.items()}
         self._compiled: dict[bool, tuple[nn.Module, ...]] | None = None
@@ -199,7 +199,7 @@ def split_model(analysis: ModelAnalysis, names: Sequence[str]) -> StagedGraph:
         cut_points,
         analysis.input_size,
         analysis.num_classes,
-        analysis.activation_bytes,
+        analysis.activation_elements,
     )
 
 
