@@ -28,6 +28,10 @@ A variant is a comma-separated list of `key=value` (unknown keys are an error):
     conf=right|harmless       what `"exits"`' confidence predicts: right = the library's, "this
                               exit is right"; harmless = "leaving here costs nothing": this
                               exit is right or the final exit is wrong
+    ci=prior|random           the `conv` heads' confidence at the start: prior = the library's,
+                              max-softmax read at q; random = PyTorch's default init of a
+                              linear layer (the recorded ci=random rows were measured when
+                              the confidence also had two certainty inputs, not three)
 
 Settings (MNIST from `--data-dir`, torchvision's layout; digits from scikit-learn):
 
@@ -152,7 +156,7 @@ DEFAULT_VARIANTS = (
 
 BUDGETS = (0.5, 0.6, 0.7)
 THRESHOLDS = np.concatenate([np.linspace(0.0, 1.0, 401), [1.01]]).astype(np.float32)
-KEYS = {"loss", "head", "w", "kd", "q", "qk", "gs", "zi", "cw", "conf"}
+KEYS = {"loss", "head", "w", "kd", "q", "qk", "gs", "zi", "cw", "conf", "ci"}
 TEST_SAMPLES = 5000
 _PLAIN: dict[tuple[str, int, bool], float] = {}  # plain accuracy per (setting, seed, init)
 
@@ -184,6 +188,8 @@ def parse_variant(text: str) -> dict[str, str]:
             raise SystemExit(f"error: bad variant item {part!r}; keys are {sorted(KEYS)}")
         if key == "conf" and value not in CONFIDENCE_LABELS:
             raise SystemExit(f"error: bad variant item {part!r}; conf is right or harmless")
+        if key == "ci" and value not in ("prior", "random"):
+            raise SystemExit(f"error: bad variant item {part!r}; ci is prior or random")
         spec[key] = value
     return spec
 
@@ -358,6 +364,9 @@ def run_one(name: str, variant: str, seed: int, data_dir: str, progress: bool) -
         )
     if "gs" in spec:
         net.config.grad_scale = float(spec["gs"])
+    if spec.get("ci", "prior") == "random":
+        for head in net.heads:
+            head.confidence.reset_parameters()
     options = {"exit_ce_weight": float(spec["w"])} if "w" in spec else {}
     if "kd" in spec:
         options["distill"] = float(spec["kd"])

@@ -12,8 +12,11 @@ Each head takes one feature tensor and returns `(class_logits, confidence_logit)
   `conv_width(C)` channels, BatchNorm and ReLU (for channels-last features and tokens:
   LayerNorm, a linear layer to that width and GELU), global average pool, then the two branches,
   in the manner of MSDNet's and SDN's exits. The confidence branch also sees how sure the exit's
-  own classifier is: the log-probability of its top class and the margin between its two top
-  logits (detached, so training the confidence never changes the classifier). A linear probe on
+  own classifier is: the log-probability of its top class, the margin between its two top
+  logits and the logit of its top probability (detached, so training the confidence never
+  changes the classifier). It starts as max-softmax: before any training, h ≥ 0.5 exactly
+  where the top probability is at least `CONFIDENCE_PRIOR` (the default exit precision q of
+  `EENetLoss`); training then learns where that is wrong. A linear probe on
   the backbone's features is too weak an exit early in the network; one more layer lets the exit
   compute features of its own, and pooling first keeps that layer cheap (its MACs are counted in
   the exit's cost).
@@ -32,6 +35,12 @@ EXIT_TYPES = ("plain", "pool", "bnpool", "conv")
 
 #: The narrowest hidden width of a `conv` head.
 CONV_MIN_WIDTH = 32
+#: A `conv` head's confidence starts as "the top probability is at least this" (h = 0.5 there):
+#: `EENetLoss`'s default exit precision q, so that an untrained confidence is max-softmax read
+#: at the precision the loss trains it for.
+CONFIDENCE_PRIOR = 0.95
+#: How far the logit of the top probability is trusted (it is ±inf for a single class).
+_MAX_LOGIT = 30.0
 
 
 def conv_width(channels: int) -> int:
@@ -57,15 +66,28 @@ def pool_window(size: int) -> int:
 
 
 def certainty(class_logits: torch.Tensor) -> torch.Tensor:
-    """`(B, 2)`: the top class's log-probability and the margin between the two top logits.
+    """`(B, 3)`: the top class's log-probability log p, the margin between the two top logits,
+    and logit p = log p − log(1 − p), clamped to ±30.
 
-    Computed on detached logits, in float32: inputs of a `conv` head's confidence branch.
+    Computed on detached logits, in float32 (1 − p from the other classes' logits, exact near
+    p = 1): inputs of a `conv` head's confidence branch.
     """
     z = class_logits.detach().float()
-    top = z.topk(min(2, z.shape[1]), dim=1).values
-    log_p = top[:, 0] - torch.logsumexp(z, dim=1)
+    top, index = z.topk(min(2, z.shape[1]), dim=1)
+    total = torch.logsumexp(z, dim=1)
+    log_p = top[:, 0] - total
     margin = top[:, 0] - top[:, -1]
-    return torch.stack((log_p, margin), dim=1).to(class_logits.dtype)
+    others = torch.logsumexp(z.scatter(1, index[:, :1], float("-inf")), dim=1) - total
+    logit_p = (log_p - others).clamp(-_MAX_LOGIT, _MAX_LOGIT)
+    return torch.stack((log_p, margin, logit_p), dim=1).to(class_logits.dtype)
+
+
+def _init_confidence_prior(confidence: nn.Linear) -> None:
+    """a = logit p − logit `CONFIDENCE_PRIOR`: the last input is `certainty`'s logit p."""
+    with torch.no_grad():
+        confidence.weight.zero_()
+        confidence.weight[0, -1] = 1.0
+        confidence.bias.fill_(-math.log(CONFIDENCE_PRIOR / (1.0 - CONFIDENCE_PRIOR)))
 
 
 def canonical_exit_type(exit_type: str) -> str:
@@ -107,7 +129,7 @@ class ExitHead(nn.Module):
         extra = 0
         if self.exit_type == "conv":
             in_features = conv_width(channels)
-            extra = 2  # the classifier's certainty
+            extra = 3  # the classifier's certainty
             if self.channel_axis == 1 and ndim == 4:
                 kernel = tuple(pool_window(n) for n in self.shape[1:])
                 self.conv = nn.Sequential(
@@ -129,6 +151,8 @@ class ExitHead(nn.Module):
                 self.norm = nn.LayerNorm(channels)
         self.classifier = nn.Linear(in_features, num_classes)
         self.confidence = nn.Linear(in_features + extra, 1)
+        if extra:
+            _init_confidence_prior(self.confidence)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.exit_type == "plain":

@@ -251,6 +251,9 @@ def test_recipe_variants_and_its_confidence_targets(script, monkeypatch):
     assert spec == {"loss": "exits", "head": "conv", "zi": "0", "conf": "harmless", "gs": "0.1"}
     with pytest.raises(SystemExit, match="conf is right or harmless"):
         recipe.parse_variant("conf=maybe")
+    assert recipe.parse_variant("ci=random")["ci"] == "random"
+    with pytest.raises(SystemExit, match="ci is prior or random"):
+        recipe.parse_variant("ci=zero")
     with pytest.raises(SystemExit, match="keys are"):
         recipe.parse_variant("nope=1")
     labels = torch.tensor([0, 1, 2, 3])

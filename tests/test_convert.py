@@ -186,13 +186,41 @@ def test_conv_head_is_counted_in_the_costs_and_sees_the_certainty(name, size):
         torch.tensor((sum(conv.head_macs) - sum(pool.head_macs)) / conv.backbone_macs),
     )
     for head in conv.heads:
-        assert head.confidence.in_features == head.classifier.in_features + 2
+        assert head.confidence.in_features == head.classifier.in_features + 3
     out = conv.train()(torch.randn(2, *conv.input_size))
     # The confidence's certainty inputs are detached: it never trains the classifier.
     (grad,) = torch.autograd.grad(
         out.confidence_logits[0].sum(), conv.heads[0].classifier.weight, allow_unused=True
     )
     assert grad is None
+
+
+def test_conv_confidence_starts_as_max_softmax_at_the_default_precision():
+    assert earlyexit.heads.CONFIDENCE_PRIOR == earlyexit.loss.DEFAULT_EXIT_PRECISION
+    torch.manual_seed(0)
+    logits = torch.randn(64, 10) * 4
+    logits[0] = torch.tensor([25.0] + [0.0] * 9)  # p rounds to 1 in float32; logit p need not
+    log_p, margin, logit_p = earlyexit.heads.certainty(logits).unbind(1)
+    p = logits.double().softmax(1).amax(1)
+    torch.testing.assert_close(log_p.double(), p.log(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        logit_p.double(), torch.logit(p).clamp(-30, 30), rtol=1e-4, atol=1e-4
+    )
+    assert logit_p[0].item() == pytest.approx(25 - math.log(9), rel=1e-5)
+    top2 = logits.topk(2, dim=1).values
+    torch.testing.assert_close(margin, top2[:, 0] - top2[:, 1])
+    # One class: p = 1, logit p clamped rather than inf.
+    assert earlyexit.heads.certainty(torch.zeros(3, 1))[:, 2].eq(30).all()
+
+    net = earlyexit.convert(timm.create_model("resnet20"), n_exits=3).eval()
+    x = torch.randn(64, *net.input_size)
+    with torch.no_grad():
+        out = net.forward_all(x)
+    for z, a in zip(out.logits[:-1], out.confidence_logits):
+        top = z.softmax(1).amax(1)
+        # Untrained: sigmoid(a + logit q) is the top probability, so h >= 0.5 <=> p >= q.
+        torch.testing.assert_close(torch.sigmoid(a + math.log(0.95 / 0.05)), top, atol=1e-5, rtol=0)
+        assert torch.equal(torch.sigmoid(a) >= 0.5, top >= 0.95) or (top - 0.95).abs().min() < 1e-5
 
 
 @pytest.mark.parametrize("scale", [0.0, 0.3])
