@@ -248,6 +248,7 @@ def load(
         ) from err
     heads = [ExitHead(config.exit_type, c.shape, c.channel_axis, staged.num_classes) for c in cuts]
     net = EarlyExitNet(backbone, staged, heads, config, stage_macs=stage_macs, head_macs=head_macs)
+    tensors = _with_logit_p_input(net, tensors)
     _check_tensors(net, tensors, path, meta)
     net.load_state_dict(tensors, strict=True)
     dtype = getattr(torch, str(meta.get("dtype")), None)
@@ -354,6 +355,26 @@ def _describe(net: EarlyExitNet, tensors: Mapping[str, torch.Tensor]) -> dict[st
         "dtype": str(floats[0]).removeprefix("torch.") if floats else None,
         "sha256": _digest(tensors),
     }
+
+
+def _with_logit_p_input(
+    net: EarlyExitNet, tensors: Mapping[str, torch.Tensor]
+) -> Mapping[str, torch.Tensor]:
+    """Files from before `conv` heads' confidence saw logit p (its last input): weight 0 there.
+
+    Such a confidence computed exactly what the padded one computes, so the file loads as it
+    was saved.
+    """
+    padded = dict(tensors)
+    for k, head in enumerate(net.heads):
+        if head.exit_type != "conv":
+            continue
+        key = f"heads.{k}.confidence.weight"
+        old = tensors.get(key)
+        want = head.confidence.weight.shape
+        if old is not None and old.ndim == 2 and tuple(old.shape) == (want[0], want[1] - 1):
+            padded[key] = torch.cat((old, old.new_zeros(want[0], 1)), dim=1)
+    return padded
 
 
 def _check_tensors(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ from torch import nn
 
 import earlyexit
 from earlyexit.errors import CheckpointError
-from earlyexit.io import FORMAT_VERSION, METADATA_KEY, load, read_metadata, save
+from earlyexit.io import FORMAT_VERSION, METADATA_KEY, _digest, load, read_metadata, save
 
 from toy_models import spread_confidences
 
@@ -111,6 +112,30 @@ def test_files_with_the_names_of_earlier_versions_load(net, saved, tmp_path, x):
     for loaded in (load(old), load(old, backbone=timm.create_model("resnet20"))):
         assert loaded.exit_names == net.exit_names and loaded.config == net.config
         assert_same_inference(net, loaded, x)
+
+
+def test_files_from_before_the_logit_p_input_load_unchanged(net, saved, tmp_path, x):
+    # Earlier conv heads' confidence saw two certainty inputs (log p, margin), not three:
+    # such a file loads with a weight of 0 on logit p, which computes what it computed.
+    old_net = copy.deepcopy(net)
+    tensors = load_file(saved)
+    for k in range(net.num_exits):
+        key = f"heads.{k}.confidence.weight"
+        tensors[key] = tensors[key][:, :-1].contiguous()
+        with torch.no_grad():
+            old_net.heads[k].confidence.weight[:, -1] = 0.0
+    old = tmp_path / "two_inputs.safetensors"
+    _rewrite(saved, old, tensors=tensors, meta_update={"sha256": _digest(tensors)})
+    loaded = load(old)
+    assert all(float(h.confidence.weight[0, -1]) == 0.0 for h in loaded.heads)
+    assert_same_inference(old_net, loaded, x)
+    # Any other width is still refused, by name.
+    tensors["heads.0.confidence.weight"] = tensors["heads.0.confidence.weight"][:, :-1].contiguous()
+    _rewrite(saved, old, tensors=tensors, meta_update={"sha256": _digest(tensors)})
+    with pytest.raises(
+        CheckpointError, match=r"heads\.0\.confidence\.weight: file \(1, 33\) vs model \(1, 35\)"
+    ):
+        load(old)
 
 
 def test_unknown_exit_name_is_refused(saved, tmp_path):
