@@ -29,6 +29,8 @@ import math
 import torch
 from torch import nn
 
+from earlyexit.loss import DEFAULT_EXIT_PRECISION
+
 __all__ = ["EXIT_TYPES", "ExitHead", "canonical_exit_type", "create_head"]
 
 EXIT_TYPES = ("plain", "pool", "bnpool", "conv")
@@ -38,7 +40,7 @@ CONV_MIN_WIDTH = 32
 #: A `conv` head's confidence starts as "the top probability is at least this" (h = 0.5 there):
 #: `EENetLoss`'s default exit precision q, so that an untrained confidence is max-softmax read
 #: at the precision the loss trains it for.
-CONFIDENCE_PRIOR = 0.95
+CONFIDENCE_PRIOR = DEFAULT_EXIT_PRECISION
 #: How far the logit of the top probability is trusted (it is ±inf for a single class).
 _MAX_LOGIT = 30.0
 
