@@ -32,6 +32,8 @@ A variant is a comma-separated list of `key=value` (unknown keys are an error):
                               max-softmax read at q; random = PyTorch's default init of a
                               linear layer (the recorded ci=random rows were measured when
                               the confidence also had two certainty inputs, not three)
+    cd=0|1                    1: the confidence branch reads the head's features detached, so
+                              training the confidence never changes the backbone or the head
 
 Settings (MNIST from `--data-dir`, torchvision's layout; digits from scikit-learn):
 
@@ -156,7 +158,7 @@ DEFAULT_VARIANTS = (
 
 BUDGETS = (0.5, 0.6, 0.7)
 THRESHOLDS = np.concatenate([np.linspace(0.0, 1.0, 401), [1.01]]).astype(np.float32)
-KEYS = {"loss", "head", "w", "kd", "q", "qk", "gs", "zi", "cw", "conf", "ci"}
+KEYS = {"loss", "head", "w", "kd", "q", "qk", "gs", "zi", "cw", "conf", "ci", "cd"}
 TEST_SAMPLES = 5000
 _PLAIN: dict[tuple[str, int, bool], float] = {}  # plain accuracy per (setting, seed, init)
 
@@ -190,6 +192,8 @@ def parse_variant(text: str) -> dict[str, str]:
             raise SystemExit(f"error: bad variant item {part!r}; conf is right or harmless")
         if key == "ci" and value not in ("prior", "random"):
             raise SystemExit(f"error: bad variant item {part!r}; ci is prior or random")
+        if key == "cd" and value not in ("0", "1"):
+            raise SystemExit(f"error: bad variant item {part!r}; cd is 0 or 1")
         spec[key] = value
     return spec
 
@@ -330,6 +334,10 @@ def cross_calibrate(cache: _Cache, seed: int) -> dict[str, dict[str, float]]:
     }
 
 
+def _detach_input(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.detach() for a in args)
+
+
 def _plain_accuracy(model: nn.Module, test) -> float:
     model.eval()
     with torch.no_grad():
@@ -367,6 +375,9 @@ def run_one(name: str, variant: str, seed: int, data_dir: str, progress: bool) -
     if spec.get("ci", "prior") == "random":
         for head in net.heads:
             head.confidence.reset_parameters()
+    if spec.get("cd") == "1":
+        for head in net.heads:
+            head.confidence.register_forward_pre_hook(_detach_input)
     options = {"exit_ce_weight": float(spec["w"])} if "w" in spec else {}
     if "kd" in spec:
         options["distill"] = float(spec["kd"])
