@@ -256,6 +256,8 @@ def test_recipe_variants_and_its_confidence_targets(script, monkeypatch):
         recipe.parse_variant("ci=zero")
     with pytest.raises(SystemExit, match="keys are"):
         recipe.parse_variant("nope=1")
+    with pytest.raises(SystemExit, match="cd is 0 or 1"):
+        recipe.parse_variant("cd=yes")
     labels = torch.tensor([0, 1, 2, 3])
     exit_says = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 1]), 4).float().log()
     final_says = torch.nn.functional.one_hot(torch.tensor([0, 1, 0, 2]), 4).float().log()
@@ -279,6 +281,24 @@ def test_recipe_variants_and_its_confidence_targets(script, monkeypatch):
     )
     earlyexit.EENetLoss()(outputs, labels)
     assert len(calls) == 2  # one per early exit
+
+
+def test_recipe_detached_confidence_never_trains_the_features(script):
+    recipe = script("recipe")
+    torch.manual_seed(0)
+    head = earlyexit.heads.create_head("conv", (8, 8, 8), 1, 10)
+    torch.nn.init.normal_(head.confidence.weight)  # as after training: it reads the features
+    x = torch.randn(4, 8, 8, 8, requires_grad=True)
+    _, confidence = head(x)
+    confidence.sum().backward()
+    assert x.grad.abs().sum() > 0  # by default the confidence's loss reaches the features
+    head.confidence.register_forward_pre_hook(recipe._detach_input)
+    x.grad = None
+    head.zero_grad()
+    _, confidence = head(x)
+    confidence.sum().backward()
+    assert x.grad is None  # cut: nothing reaches the features
+    assert head.confidence.weight.grad.abs().sum() > 0  # the branch itself still learns
 
 
 def test_recipe_overlay_keeps_labels_and_mixes_in_another_digit(script):
