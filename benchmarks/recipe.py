@@ -32,6 +32,7 @@ A variant is a comma-separated list of `key=value` (unknown keys are an error):
                               max-softmax read at q; random = PyTorch's default init of a
                               linear layer (the recorded ci=random rows were measured when
                               the confidence also had two certainty inputs, not three)
+    pg=INT                    `conv` heads pool to a grid of at most INT×INT (the library: 4)
     cd=0|1                    1: the confidence branch reads the head's features detached, so
                               training the confidence never changes the backbone or the head
 
@@ -158,7 +159,7 @@ DEFAULT_VARIANTS = (
 
 BUDGETS = (0.5, 0.6, 0.7)
 THRESHOLDS = np.concatenate([np.linspace(0.0, 1.0, 401), [1.01]]).astype(np.float32)
-KEYS = {"loss", "head", "w", "kd", "q", "qk", "gs", "zi", "cw", "conf", "ci", "cd"}
+KEYS = {"loss", "head", "w", "kd", "q", "qk", "gs", "zi", "cw", "conf", "ci", "cd", "pg"}
 TEST_SAMPLES = 5000
 _PLAIN: dict[tuple[str, int, bool], float] = {}  # plain accuracy per (setting, seed, init)
 
@@ -250,6 +251,11 @@ def _relative_precision_logit(q, final_log_probs, labels, k: float = 1.3):
         error = (final_log_probs.argmax(dim=1) != labels).to(final_log_probs.dtype).mean()
         q_batch = (1.0 - k * error).clamp(0.5, 0.95)
         return torch.log(q_batch / (1.0 - q_batch))
+
+
+def _pool_window(size: int, grid: int) -> int:
+    """The smallest window that divides `size` and leaves at most `grid` positions."""
+    return next(w for w in range(1, size + 1) if size % w == 0 and size // w <= grid)
 
 
 def _narrow_width(channels: int) -> int:
@@ -362,7 +368,13 @@ def run_one(name: str, variant: str, seed: int, data_dir: str, progress: bool) -
     torch.manual_seed(seed)
     model = _model(setting, zero_init)
     width = _narrow_width if spec.get("cw") == "c" else earlyexit.heads.conv_width
-    with mock.patch.object(earlyexit.heads, "conv_width", width):
+    window = earlyexit.heads.pool_window
+    if "pg" in spec:
+        window = functools.partial(_pool_window, grid=int(spec["pg"]))
+    with (
+        mock.patch.object(earlyexit.heads, "conv_width", width),
+        mock.patch.object(earlyexit.heads, "pool_window", window),
+    ):
         net = earlyexit.convert(
             model,
             n_exits=setting["n_exits"],

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import math
 import sys
 from pathlib import Path
 from types import ModuleType
+from unittest import mock
 
 import pytest
 import timm
@@ -258,6 +260,16 @@ def test_recipe_variants_and_its_confidence_targets(script, monkeypatch):
         recipe.parse_variant("nope=1")
     with pytest.raises(SystemExit, match="cd is 0 or 1"):
         recipe.parse_variant("cd=yes")
+    # pg=4 is the library's own pooling; pg=2 pools to at most 2x2.
+    sizes = (32, 28, 14, 7)
+    assert [recipe._pool_window(n, 4) for n in sizes] == [
+        earlyexit.heads.pool_window(n) for n in sizes
+    ]
+    assert [recipe._pool_window(n, 2) for n in sizes] == [16, 14, 7, 7]
+    coarse = functools.partial(recipe._pool_window, grid=2)
+    with mock.patch.object(earlyexit.heads, "pool_window", coarse):  # as run_one patches it
+        head = earlyexit.heads.create_head("conv", (16, 28, 28), 1, 10)
+    assert head.conv[0].kernel_size == (14, 14)
     labels = torch.tensor([0, 1, 2, 3])
     exit_says = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 1]), 4).float().log()
     final_says = torch.nn.functional.one_hot(torch.tensor([0, 1, 0, 2]), 4).float().log()
