@@ -32,7 +32,8 @@ A variant is a comma-separated list of `key=value` (unknown keys are an error):
                               max-softmax read at q; random = PyTorch's default init of a
                               linear layer (the recorded ci=random rows were measured when
                               the confidence also had two certainty inputs, not three)
-    pg=INT                    `conv` heads pool to a grid of at most INT×INT (the library: 4)
+    pg=INT                    `conv` heads pool to a grid of at most INT×INT (the library:
+                              `POOL_GRID`, 4)
     cd=0|1                    1: the confidence branch reads the head's features detached, so
                               training the confidence never changes the backbone or the head
 
@@ -189,12 +190,9 @@ def parse_variant(text: str) -> dict[str, str]:
         key, _, value = part.partition("=")
         if key not in KEYS or not value:
             raise SystemExit(f"error: bad variant item {part!r}; keys are {sorted(KEYS)}")
-        if key == "conf" and value not in CONFIDENCE_LABELS:
-            raise SystemExit(f"error: bad variant item {part!r}; conf is right or harmless")
-        if key == "ci" and value not in ("prior", "random"):
-            raise SystemExit(f"error: bad variant item {part!r}; ci is prior or random")
-        if key == "cd" and value not in ("0", "1"):
-            raise SystemExit(f"error: bad variant item {part!r}; cd is 0 or 1")
+        choices = CHOICES.get(key)
+        if choices is not None and value not in choices:
+            raise SystemExit(f"error: bad variant item {part!r}; {key} is {' or '.join(choices)}")
         spec[key] = value
     return spec
 
@@ -240,6 +238,8 @@ CONFIDENCE_LABELS = {
     "right": earlyexit.loss._confidence_labels,
     "harmless": _harmless_labels,
 }
+#: The variant keys whose values are one of a few words.
+CHOICES = {"conf": tuple(CONFIDENCE_LABELS), "ci": ("prior", "random"), "cd": ("0", "1")}
 
 
 _fixed_precision_logit = earlyexit.loss._precision_logit
@@ -251,11 +251,6 @@ def _relative_precision_logit(q, final_log_probs, labels, k: float = 1.3):
         error = (final_log_probs.argmax(dim=1) != labels).to(final_log_probs.dtype).mean()
         q_batch = (1.0 - k * error).clamp(0.5, 0.95)
         return torch.log(q_batch / (1.0 - q_batch))
-
-
-def _pool_window(size: int, grid: int) -> int:
-    """The smallest window that divides `size` and leaves at most `grid` positions."""
-    return next(w for w in range(1, size + 1) if size % w == 0 and size // w <= grid)
 
 
 def _narrow_width(channels: int) -> int:
@@ -370,7 +365,7 @@ def run_one(name: str, variant: str, seed: int, data_dir: str, progress: bool) -
     width = _narrow_width if spec.get("cw") == "c" else earlyexit.heads.conv_width
     window = earlyexit.heads.pool_window
     if "pg" in spec:
-        window = functools.partial(_pool_window, grid=int(spec["pg"]))
+        window = functools.partial(earlyexit.heads.pool_window, grid=int(spec["pg"]))
     with (
         mock.patch.object(earlyexit.heads, "conv_width", width),
         mock.patch.object(earlyexit.heads, "pool_window", window),

@@ -37,6 +37,8 @@ EXIT_TYPES = ("plain", "pool", "bnpool", "conv")
 
 #: The narrowest hidden width of a `conv` head.
 CONV_MIN_WIDTH = 32
+#: A `conv` head pools its input to a grid of at most this many positions per axis.
+POOL_GRID = 4
 #: A `conv` head's confidence starts as "the top probability is at least this" (h = 0.5 there):
 #: `EENetLoss`'s default exit precision q, so that an untrained confidence is max-softmax read
 #: at the precision the loss trains it for.
@@ -57,14 +59,15 @@ def conv_width(channels: int) -> int:
     return max(CONV_MIN_WIDTH, channels // 4)
 
 
-def pool_window(size: int) -> int:
+def pool_window(size: int, grid: int = POOL_GRID) -> int:
     """The window of a `conv` head's average pool along an axis of `size` positions.
 
-    The smallest window that divides `size` and leaves at most 4 positions: 32 → 8 (a 4×4
-    grid), 28 → 7, 14 → 7 (2×2), 7 → 7 (1×1). Windows that tile the map exactly average the
-    same way in PyTorch and in exported ONNX graphs, where partial windows do not.
+    The smallest window that divides `size` and leaves at most `grid` positions; with the
+    default 4: 32 → 8 (a 4×4 grid), 28 → 7, 14 → 7 (2×2), 7 → 7 (1×1). Windows that tile the
+    map exactly average the same way in PyTorch and in exported ONNX graphs, where partial
+    windows do not.
     """
-    return next(k for k in range(1, size + 1) if size % k == 0 and size // k <= 4)
+    return next(k for k in range(1, size + 1) if size % k == 0 and size // k <= grid)
 
 
 def certainty(class_logits: torch.Tensor) -> torch.Tensor:

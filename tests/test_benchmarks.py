@@ -262,11 +262,10 @@ def test_recipe_variants_and_its_confidence_targets(script, monkeypatch):
         recipe.parse_variant("cd=yes")
     # pg=4 is the library's own pooling; pg=2 pools to at most 2x2.
     sizes = (32, 28, 14, 7)
-    assert [recipe._pool_window(n, 4) for n in sizes] == [
-        earlyexit.heads.pool_window(n) for n in sizes
-    ]
-    assert [recipe._pool_window(n, 2) for n in sizes] == [16, 14, 7, 7]
-    coarse = functools.partial(recipe._pool_window, grid=2)
+    pool_window = earlyexit.heads.pool_window
+    assert [pool_window(n, grid=4) for n in sizes] == [pool_window(n) for n in sizes]
+    assert [pool_window(n, grid=2) for n in sizes] == [16, 14, 7, 7]
+    coarse = functools.partial(pool_window, grid=2)
     with mock.patch.object(earlyexit.heads, "pool_window", coarse):  # as run_one patches it
         head = earlyexit.heads.create_head("conv", (16, 28, 28), 1, 10)
     assert head.conv[0].kernel_size == (14, 14)
