@@ -34,6 +34,9 @@ A variant is a comma-separated list of `key=value` (unknown keys are an error):
                               the confidence also had two certainty inputs, not three)
     pg=INT                    `conv` heads pool to a grid of at most INT×INT (the library:
                               `POOL_GRID`, 4)
+    hg=INT                    `conv` heads keep a layout of at most INT×INT cells after their
+                              convolution, flattened into both branches (the library:
+                              `LAYOUT_GRID`, 2); 1 = a global mean, the library's earlier head
     cd=0|1                    1: the confidence branch reads the head's features detached, so
                               training the confidence never changes the backbone or the head
 
@@ -149,7 +152,7 @@ SETTINGS["mnist-r20h"] = dict(SETTINGS["mnist-r20f"], overlay=True)
 SETTINGS["mnist-r8h"] = dict(SETTINGS["mnist-r8f"], overlay=True)
 
 DEFAULT_VARIANTS = (
-    "loss=exits,head=conv",  # the library's defaults (grad_scale 0.3)
+    "loss=exits,head=conv",  # the library's defaults (2×2 layout, grad_scale 0.1)
     "loss=exits,head=conv,gs=0",
     "loss=exits,head=conv,gs=1",
     "loss=v2+ce,head=pool",  # the library's earlier defaults
@@ -160,7 +163,7 @@ DEFAULT_VARIANTS = (
 
 BUDGETS = (0.5, 0.6, 0.7)
 THRESHOLDS = np.concatenate([np.linspace(0.0, 1.0, 401), [1.01]]).astype(np.float32)
-KEYS = {"loss", "head", "w", "kd", "q", "qk", "gs", "zi", "cw", "conf", "ci", "cd", "pg"}
+KEYS = {"loss", "head", "w", "kd", "q", "qk", "gs", "zi", "cw", "conf", "ci", "cd", "pg", "hg"}
 TEST_SAMPLES = 5000
 _PLAIN: dict[tuple[str, int, bool], float] = {}  # plain accuracy per (setting, seed, init)
 
@@ -185,7 +188,7 @@ class Record:
 
 def parse_variant(text: str) -> dict[str, str]:
     """`"loss=exits,head=conv"` → a dict, with the defaults filled in."""
-    spec = {"loss": "exits", "head": "conv", "zi": "0"}
+    spec = {"loss": "exits", "head": "conv", "zi": "0", "hg": str(earlyexit.heads.LAYOUT_GRID)}
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
         if key not in KEYS or not value:
@@ -366,9 +369,11 @@ def run_one(name: str, variant: str, seed: int, data_dir: str, progress: bool) -
     window = earlyexit.heads.pool_window
     if "pg" in spec:
         window = functools.partial(earlyexit.heads.pool_window, grid=int(spec["pg"]))
+    head = functools.partial(earlyexit.heads.ExitHead, layout=int(spec["hg"]))
     with (
         mock.patch.object(earlyexit.heads, "conv_width", width),
         mock.patch.object(earlyexit.heads, "pool_window", window),
+        mock.patch.object(earlyexit.model, "ExitHead", head),
     ):
         net = earlyexit.convert(
             model,

@@ -15,7 +15,7 @@ __all__ = ["DEFAULT_CONV_GRAD_SCALE", "EarlyExitConfig"]
 
 
 #: The factor on the gradient from a `conv` exit head into the backbone when none is given.
-DEFAULT_CONV_GRAD_SCALE: float = 0.3
+DEFAULT_CONV_GRAD_SCALE: float = 0.1
 
 
 @dataclass

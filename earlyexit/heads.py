@@ -9,9 +9,10 @@ Each head takes one feature tensor and returns `(class_logits, confidence_logit)
 - `bnpool`: BatchNorm (LayerNorm over the channels for channels-last features and tokens),
   ReLU, global average pool, then the two branches.
 - `conv`: average pool to a grid of at most 4×4 (`pool_window`), one 3×3 convolution to
-  `conv_width(C)` channels, BatchNorm and ReLU (for channels-last features and tokens:
-  LayerNorm, a linear layer to that width and GELU), global average pool, then the two branches,
-  in the manner of MSDNet's and SDN's exits. The confidence branch also sees how sure the exit's
+  `conv_width(C)` channels, BatchNorm and ReLU, average pool to a layout of at most 2×2 cells
+  (`LAYOUT_GRID`), flattened into the two branches (for channels-last features and tokens:
+  LayerNorm, a linear layer to that width and GELU, then a global average pool), in the
+  manner of MSDNet's and SDN's exits. The confidence branch also sees how sure the exit's
   own classifier is: the log-probability of its top class, the margin between its two top
   logits and the logit of its top probability (detached, so training the confidence never
   changes the classifier). It starts as max-softmax: before any training, h ≥ 0.5 exactly
@@ -19,7 +20,9 @@ Each head takes one feature tensor and returns `(class_logits, confidence_logit)
   `EENetLoss`); training then learns where that is wrong. A linear probe on
   the backbone's features is too weak an exit early in the network; one more layer lets the exit
   compute features of its own, and pooling first keeps that layer cheap (its MACs are counted in
-  the exit's cost).
+  the exit's cost). Early in the network each feature sees only a small part of the image, so
+  *where* it fires carries much of the class; a global average would throw that away, while a
+  2×2 layout keeps it (on a map that is already 2×2 or smaller, nothing is pooled away).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ EXIT_TYPES = ("plain", "pool", "bnpool", "conv")
 CONV_MIN_WIDTH = 32
 #: A `conv` head pools its input to a grid of at most this many positions per axis.
 POOL_GRID = 4
+#: A `conv` head keeps a layout of at most this many cells per axis after its convolution.
+LAYOUT_GRID = 2
 #: A `conv` head's confidence starts as "the top probability is at least this" (h = 0.5 there):
 #: `EENetLoss`'s default exit precision q, so that an untrained confidence is max-softmax read
 #: at the precision the loss trains it for.
@@ -116,13 +121,34 @@ class ExitHead(nn.Module):
         shape: the feature's shape for one sample, without the batch axis.
         channel_axis: the axis of the batched feature `(B, *shape)` holding the channels.
         num_classes: outputs of the classification branch.
+        layout: a channels-first `conv` head keeps at most `layout`×`layout` cells after its
+            convolution (`LAYOUT_GRID`); 1 averages them into one, as the library's earlier
+            `conv` heads did (files saved without a layout load with 1). Other heads ignore
+            it.
+
+    Raises:
+        ValueError: for an unknown exit type or a `layout` that is not a positive integer.
     """
 
     def __init__(
-        self, exit_type: str, shape: tuple[int, ...], channel_axis: int, num_classes: int
+        self,
+        exit_type: str,
+        shape: tuple[int, ...],
+        channel_axis: int,
+        num_classes: int,
+        *,
+        layout: int = LAYOUT_GRID,
     ) -> None:
         super().__init__()
+        if isinstance(layout, bool) or not isinstance(layout, int) or layout < 1:
+            raise ValueError(
+                f"Expected `layout` to be a positive int, got {layout!r}. Hint: "
+                f"{LAYOUT_GRID} (the default) keeps a {LAYOUT_GRID}×{LAYOUT_GRID} layout; "
+                "1 averages the head's map into one cell."
+            )
         self.exit_type = canonical_exit_type(exit_type)
+        self.layout = layout
+        self.cells = 1
         self.shape = tuple(shape)
         ndim = len(self.shape) + 1
         self.channel_axis = channel_axis % ndim
@@ -137,12 +163,18 @@ class ExitHead(nn.Module):
             extra = 3  # the classifier's certainty
             if self.channel_axis == 1 and ndim == 4:
                 kernel = tuple(pool_window(n) for n in self.shape[1:])
+                grid = [n // k for n, k in zip(self.shape[1:], kernel)]
+                cell = tuple(pool_window(n, grid=layout) for n in grid)
+                self.cells = math.prod(n // k for n, k in zip(grid, cell))
                 self.conv = nn.Sequential(
                     nn.AvgPool2d(kernel, kernel),
                     nn.Conv2d(channels, in_features, 3, padding=1, bias=False),
                     nn.BatchNorm2d(in_features),
                     nn.ReLU(inplace=True),
                 )
+                if self.cells > 1 and cell != (1, 1):
+                    self.conv.append(nn.AvgPool2d(cell, cell))
+                in_features *= self.cells
             else:
                 self.conv = nn.Sequential(
                     nn.LayerNorm(channels), nn.Linear(channels, in_features), nn.GELU()
@@ -164,7 +196,8 @@ class ExitHead(nn.Module):
             z = x.flatten(1)
         elif self.conv is not None:
             if isinstance(self.conv[0], nn.AvgPool2d):
-                z = self.conv(x).mean(dim=(2, 3))
+                z = self.conv(x)
+                z = z.flatten(1) if self.cells > 1 else z.mean(dim=(2, 3))
             else:
                 x = self.conv(x.movedim(self.channel_axis, -1))
                 z = x.mean(dim=tuple(range(1, x.ndim - 1)))
@@ -181,11 +214,17 @@ class ExitHead(nn.Module):
         return self.classifier(z), self.confidence(z).squeeze(-1)
 
     def extra_repr(self) -> str:
-        return f"{self.exit_type}, shape={self.shape}, channel_axis={self.channel_axis}"
+        text = f"{self.exit_type}, shape={self.shape}, channel_axis={self.channel_axis}"
+        return text + (f", cells={self.cells}" if self.cells > 1 else "")
 
 
 def create_head(
-    exit_type: str, shape: tuple[int, ...], channel_axis: int, num_classes: int
+    exit_type: str,
+    shape: tuple[int, ...],
+    channel_axis: int,
+    num_classes: int,
+    *,
+    layout: int = LAYOUT_GRID,
 ) -> ExitHead:
-    """Create an exit head for a feature of the given shape and layout."""
-    return ExitHead(exit_type, shape, channel_axis, num_classes)
+    """Create an exit head for a feature of the given shape and layout (see `ExitHead`)."""
+    return ExitHead(exit_type, shape, channel_axis, num_classes, layout=layout)

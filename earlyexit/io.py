@@ -246,7 +246,18 @@ def load(
             f"{path!r} does not fit {type(backbone).__name__}: {err} Hint: pass the backbone "
             f"the file was saved from ({architecture_text(meta)})."
         ) from err
-    heads = [ExitHead(config.exit_type, c.shape, c.channel_axis, staged.num_classes) for c in cuts]
+    # Files from before `conv` heads kept a layout averaged each head's map into one cell.
+    layouts = [h.get("layout", 1) for h in meta.get("heads") or [{} for _ in cuts]]
+    try:
+        heads = [
+            ExitHead(config.exit_type, c.shape, c.channel_axis, staged.num_classes, layout=g)
+            for c, g in zip(cuts, layouts)
+        ]
+    except ValueError as err:
+        raise CheckpointError(
+            f"The exit heads recorded in {path!r} are malformed: {err} Hint: the file was "
+            "edited or corrupted; save the model again."
+        ) from err
     net = EarlyExitNet(backbone, staged, heads, config, stage_macs=stage_macs, head_macs=head_macs)
     tensors = _with_logit_p_input(net, tensors)
     _check_tensors(net, tensors, path, meta)
@@ -347,7 +358,10 @@ def _describe(net: EarlyExitNet, tensors: Mapping[str, torch.Tensor]) -> dict[st
         "input_size": list(net.input_size),
         "exit_names": net.exit_names,
         "exit_type": net.config.exit_type,
-        "heads": [{"shape": list(h.shape), "channel_axis": h.channel_axis} for h in net.heads],
+        "heads": [
+            {"shape": list(h.shape), "channel_axis": h.channel_axis, "layout": h.layout}
+            for h in net.heads
+        ],
         "stage_macs": list(net.stage_macs),
         "head_macs": list(net.head_macs),
         "exit_costs": [float(c) for c in net.exit_costs.tolist()],

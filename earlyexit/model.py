@@ -522,7 +522,7 @@ def convert(
         exit_names: the N cut points to put the exits after, in execution order, instead of
             the ones `dist` picks; each by its name or any alias (`layer1.2` or `layer1`).
         grad_scale: the factor on the gradient from each exit head into the backbone in
-            training; `None` is 0.3 for `conv` heads and 1.0 (the paper's) for the others.
+            training; `None` is 0.1 for `conv` heads and 1.0 (the paper's) for the others.
             See `EarlyExitConfig`.
 
     Returns:

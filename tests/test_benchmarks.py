@@ -250,7 +250,15 @@ def test_speed_folds_the_baseline_s_norms_or_says_why_not(script):
 def test_recipe_variants_and_its_confidence_targets(script, monkeypatch):
     recipe = script("recipe")
     spec = recipe.parse_variant("conf=harmless,gs=0.1")
-    assert spec == {"loss": "exits", "head": "conv", "zi": "0", "conf": "harmless", "gs": "0.1"}
+    assert spec == {
+        "loss": "exits",
+        "head": "conv",
+        "zi": "0",
+        "hg": "2",  # the library's LAYOUT_GRID
+        "conf": "harmless",
+        "gs": "0.1",
+    }
+    assert recipe.parse_variant("hg=1")["hg"] == "1"
     with pytest.raises(SystemExit, match="conf is right or harmless"):
         recipe.parse_variant("conf=maybe")
     assert recipe.parse_variant("ci=random")["ci"] == "random"
@@ -269,6 +277,13 @@ def test_recipe_variants_and_its_confidence_targets(script, monkeypatch):
     with mock.patch.object(earlyexit.heads, "pool_window", coarse):  # as run_one patches it
         head = earlyexit.heads.create_head("conv", (16, 28, 28), 1, 10)
     assert head.conv[0].kernel_size == (14, 14)
+    # hg=1 is the earlier head, one cell after its convolution; hg=2 the library's.
+    one_cell = functools.partial(earlyexit.heads.ExitHead, layout=1)
+    model = timm.create_model("resnet8", in_chans=1)
+    with mock.patch.object(earlyexit.model, "ExitHead", one_cell):  # as run_one patches it
+        net = earlyexit.convert(model, n_exits=2, input_size=(1, 28, 28))
+    assert [h.cells for h in net.heads] == [1, 1]
+    assert [h.cells for h in earlyexit.convert(net.backbone, n_exits=2).heads] == [4, 4]
     labels = torch.tensor([0, 1, 2, 3])
     exit_says = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 1]), 4).float().log()
     final_says = torch.nn.functional.one_hot(torch.tensor([0, 1, 0, 2]), 4).float().log()

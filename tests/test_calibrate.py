@@ -75,13 +75,29 @@ def test_default_thresholds():
     assert DEFAULT_THRESHOLDS[-1] > 1 and list(DEFAULT_THRESHOLDS) == sorted(DEFAULT_THRESHOLDS)
 
 
+def _on_the_edge(net, data, threshold, tol=1e-5) -> bool:
+    """Whether a sample's confidence is within `tol` of the threshold at some exit.
+
+    The curve reads `forward_all`; `early_exit` runs the stages with their norms folded, whose
+    rounding differs by about 1e-6, so such a sample may leave on either side of T.
+    """
+    with torch.no_grad():
+        h = torch.cat([torch.stack(net.forward_all(x).confidence_logits, 1) for x, _ in data])
+    h = torch.sigmoid(h)
+    return bool(((h - threshold).abs() < tol).any())
+
+
 def test_curve_equals_early_exit_inference(net, data, curve):
     assert curve.thresholds == list(DEFAULT_THRESHOLDS)
     assert curve.num_samples == 41
     assert len(curve.exit_counts) == len(DEFAULT_THRESHOLDS)
+    edges = [t for t in curve.thresholds if _on_the_edge(net, data, t)]
+    assert len(edges) <= 1, edges  # the fixture keeps samples off the thresholds but for one
     for t, acc, cost, counts in zip(
         curve.thresholds, curve.accuracy, curve.mean_cost, curve.exit_counts, strict=True
     ):
+        if t in edges:
+            continue
         expected_counts, expected_acc, expected_cost = inference_outcome(net, data, t)
         assert counts == expected_counts, t
         assert acc == pytest.approx(expected_acc, abs=1e-12)

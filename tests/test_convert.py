@@ -248,7 +248,7 @@ def test_grad_scale_scales_what_the_heads_send_into_the_backbone(scale):
         torch.testing.assert_close(scaled, scale * full, rtol=1e-4, atol=1e-6)
     for full, scaled in zip(grads[1.0][1], grads[scale][1]):  # the heads learn in full
         torch.testing.assert_close(scaled, full)
-    assert earlyexit.convert(model, n_exits=2).config.grad_scale == 0.3  # conv's default
+    assert earlyexit.convert(model, n_exits=2).config.grad_scale == 0.1  # conv's default
     assert earlyexit.convert(model, n_exits=2, exit_type="pool").config.grad_scale == 1.0
     with pytest.raises(ValueError, match=r"Expected `grad_scale` to be a float in \[0, 1\]"):
         earlyexit.convert(model, n_exits=2, grad_scale=1.5)
@@ -587,3 +587,34 @@ def test_early_exit_names_bad_inputs(x, error, match):
     assert net.early_exit(other_size).logits.shape == (2, 10)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the net casts for itself
         assert net.early_exit(torch.zeros(2, 3, 32, 32, dtype=torch.bfloat16)).logits.shape[0] == 2
+
+
+def test_conv_head_keeps_a_two_by_two_layout():
+    from earlyexit.heads import LAYOUT_GRID, ExitHead
+
+    assert LAYOUT_GRID == 2
+    # Maps pooled to 4×4 or 2×2 keep 2×2 cells; to 1×1 (7×7 maps), one.
+    cells = {n: ExitHead("conv", (16, n, n), 1, 10).cells for n in (32, 28, 16, 14, 8, 7, 4, 1)}
+    assert cells == {32: 4, 28: 4, 16: 4, 14: 4, 8: 4, 7: 1, 4: 4, 1: 1}
+    torch.manual_seed(0)
+    kept = ExitHead("conv", (16, 28, 28), 1, 10)
+    assert kept.classifier.in_features == 4 * 32 and kept.confidence.in_features == 4 * 32 + 3
+    one = ExitHead("conv", (16, 28, 28), 1, 10, layout=1)
+    assert one.cells == 1 and one.classifier.in_features == 32
+    # A layout head whose weights are the same on every cell (÷ 4) is the one-cell head: it
+    # only adds what a global mean threw away.
+    with torch.no_grad():
+        one.conv.load_state_dict(kept.conv.state_dict(), strict=False)
+        for name in ("classifier", "confidence"):
+            a, b = getattr(one, name), getattr(kept, name)
+            w = a.weight[:, :32].repeat_interleave(4, dim=1) / 4
+            b.weight.copy_(torch.cat((w, a.weight[:, 32:]), dim=1))
+            b.bias.copy_(a.bias)
+    x = torch.randn(5, 16, 28, 28)
+    for got, want in zip(kept.eval()(x), one.eval()(x)):
+        torch.testing.assert_close(got, want)
+    # Tokens and channels-last features keep their global mean.
+    assert ExitHead("conv", (49, 64), 2, 10).cells == 1
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="Expected `layout` to be a positive int"):
+            ExitHead("conv", (16, 28, 28), 1, 10, layout=bad)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import timm
@@ -114,6 +116,43 @@ def test_files_with_the_names_of_earlier_versions_load(net, saved, tmp_path, x):
         assert_same_inference(net, loaded, x)
 
 
+def test_files_from_before_heads_kept_a_layout_load_unchanged(tmp_path, x):
+    # Earlier conv heads averaged their whole map into one cell (layout 1); their files record
+    # no layout. Such a file loads with layout 1 and computes what it computed.
+    torch.manual_seed(0)
+    model = timm.create_model("resnet20", num_classes=10)
+    one_cell = functools.partial(earlyexit.heads.ExitHead, layout=1)
+    with mock.patch.object(earlyexit.model, "ExitHead", one_cell):
+        old_net = earlyexit.convert(model, n_exits=3)
+    spread_confidences(old_net, torch.randn(32, 3, 32, 32))
+    old_net.eval()
+    assert [h.cells for h in old_net.heads] == [1, 1, 1]
+    assert old_net.heads[0].classifier.in_features == 32
+    path = tmp_path / "one_cell.safetensors"
+    save(old_net, path)
+    meta = read_metadata(path)
+    assert [h["layout"] for h in meta["heads"]] == [1, 1, 1]
+    old = tmp_path / "no_layout.safetensors"
+    heads = [{k: v for k, v in h.items() if k != "layout"} for h in meta["heads"]]
+    _rewrite(str(path), old, meta_update={"heads": heads})
+    loaded = load(old)
+    assert [h.layout for h in loaded.heads] == [1, 1, 1]
+    assert_same_inference(old_net, loaded, x)
+    # Today's default keeps 2×2 cells, and says so in the file.
+    assert [h["layout"] for h in read_metadata(_saved_default(tmp_path))["heads"]] == [2, 2, 2]
+    # A malformed layout is refused by name.
+    heads[0]["layout"] = "wide"
+    _rewrite(str(path), old, meta_update={"heads": heads})
+    with pytest.raises(CheckpointError, match=r"heads recorded in .* are malformed.*`layout`"):
+        load(old)
+
+
+def _saved_default(tmp_path: Path) -> Path:
+    path = tmp_path / "default.safetensors"
+    save(earlyexit.convert(timm.create_model("resnet20", num_classes=10), n_exits=3), path)
+    return path
+
+
 def test_files_from_before_the_logit_p_input_load_unchanged(net, saved, tmp_path, x):
     # Earlier conv heads' confidence saw two certainty inputs (log p, margin), not three:
     # such a file loads with a weight of 0 on logit p, which computes what it computed.
@@ -133,7 +172,7 @@ def test_files_from_before_the_logit_p_input_load_unchanged(net, saved, tmp_path
     tensors["heads.0.confidence.weight"] = tensors["heads.0.confidence.weight"][:, :-1].contiguous()
     _rewrite(saved, old, tensors=tensors, meta_update={"sha256": _digest(tensors)})
     with pytest.raises(
-        CheckpointError, match=r"heads\.0\.confidence\.weight: file \(1, 33\) vs model \(1, 35\)"
+        CheckpointError, match=r"heads\.0\.confidence\.weight: file \(1, 129\) vs model \(1, 131\)"
     ):
         load(old)
 
