@@ -251,7 +251,7 @@ def load(
     try:
         heads = [
             ExitHead(config.exit_type, c.shape, c.channel_axis, staged.num_classes, layout=g)
-            for c, g in zip(cuts, layouts)
+            for c, g in zip(cuts, layouts, strict=True)
         ]
     except ValueError as err:
         raise CheckpointError(

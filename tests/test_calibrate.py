@@ -75,8 +75,8 @@ def test_default_thresholds():
     assert DEFAULT_THRESHOLDS[-1] > 1 and list(DEFAULT_THRESHOLDS) == sorted(DEFAULT_THRESHOLDS)
 
 
-def _on_the_edge(net, data, threshold, tol=1e-5) -> bool:
-    """Whether a sample's confidence is within `tol` of the threshold at some exit.
+def _edges(net, data, thresholds, tol=1e-5) -> list[float]:
+    """The thresholds that some sample's confidence is within `tol` of, at some exit.
 
     The curve reads `forward_all`; `early_exit` runs the stages with their norms folded, whose
     rounding differs by about 1e-6, so such a sample may leave on either side of T.
@@ -84,14 +84,14 @@ def _on_the_edge(net, data, threshold, tol=1e-5) -> bool:
     with torch.no_grad():
         h = torch.cat([torch.stack(net.forward_all(x).confidence_logits, 1) for x, _ in data])
     h = torch.sigmoid(h)
-    return bool(((h - threshold).abs() < tol).any())
+    return [t for t in thresholds if bool(((h - t).abs() < tol).any())]
 
 
 def test_curve_equals_early_exit_inference(net, data, curve):
     assert curve.thresholds == list(DEFAULT_THRESHOLDS)
     assert curve.num_samples == 41
     assert len(curve.exit_counts) == len(DEFAULT_THRESHOLDS)
-    edges = [t for t in curve.thresholds if _on_the_edge(net, data, t)]
+    edges = _edges(net, data, curve.thresholds)
     assert len(edges) <= 1, edges  # the fixture keeps samples off the thresholds but for one
     for t, acc, cost, counts in zip(
         curve.thresholds, curve.accuracy, curve.mean_cost, curve.exit_counts, strict=True
