@@ -13,8 +13,9 @@ median over processes of each process's fastest call (and the range), with the m
 faults per call. A call runs the whole stream of `--samples` inputs in batches of
 `--batch-size`:
 
-- `original`: the eager module as it is; `original_folded`: its batch norms folded
-  (torch.fx's `fuse`); `original_micro`: folded, on micro-batches of the size
+- `original`: the eager module as it is; `original_folded`: with the rewrites of the net's
+  inference stages (`speed.fold_original`: batch norms folded, ReLUs and sums applied by
+  the convolutions on CPU, in place); `original_micro`: that, on micro-batches of the size
   `net.micro_batch = "auto"` picks;
 - `early_exit` / `no_exit`: `net.early_exit` on each batch with the forced exit pattern
   (`speed.py`'s) / with nobody leaving, with the library's defaults (whole batches);
@@ -35,6 +36,7 @@ leaving after them saves less time than MACs. `--json` writes the per-process re
     python benchmarks/fresh.py --model resnet110 --n-exits 10 --batch-size 256 --runs 4
     python benchmarks/fresh.py --batch-size 16 --samples 256 --methods original_folded \
         early_exit no_exit predict predict_no_exit
+    python benchmarks/fresh.py --methods no_exit early_exit --runs 3 --unfused   # the A/B
 """
 
 from __future__ import annotations
@@ -81,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calls", type=int, default=5, help="timed calls per process")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--no-channels-last", action="store_true", help="keep NCHW")
+    p.add_argument(
+        "--unfused",
+        action="store_true",
+        help="without the ReLUs and sums done by the convolutions (earlyexit.fx._pointwise), "
+        "in the net and in the rewritten original: the earlier release, for an A/B",
+    )
     p.add_argument("--json", help="write the per-process results here")
     p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     return p
@@ -96,6 +104,13 @@ def speed_args(args: argparse.Namespace) -> argparse.Namespace:
 def child(args: argparse.Namespace) -> dict:
     """One process, one method: its fastest call per sample and its page faults per call."""
     torch.set_num_threads(args.threads)
+    if args.unfused:
+        from earlyexit.fx import _pointwise, split
+
+        def unchanged(stage):
+            return stage
+
+        split.fuse_pointwise = _pointwise.fuse_pointwise = unchanged
     net = speed.create_net(speed_args(args), torch.device("cpu"))
     layout = torch.contiguous_format if args.no_channels_last else torch.channels_last
     samples = args.samples or args.batch_size
@@ -149,7 +164,18 @@ def child(args: argparse.Namespace) -> dict:
         "c_n": float(net.exit_costs[-1]),
         "exit_histogram": histogram,
         "time_ideal_ms": ideal,
+        "fused_convolutions": _fused_convolutions(net),
     }
+
+
+def _fused_convolutions(net: earlyexit.EarlyExitNet) -> int:
+    """How many convolutions of the net's inference stages do their ReLU or sum themselves."""
+    from earlyexit.fx._pointwise import FusedConv
+
+    stages = net.staged.inference_stages()
+    called = [s.get_submodule(n.target) for s in stages for n in s.graph.nodes
+              if n.op == "call_module"]  # fmt: skip
+    return sum(isinstance(m, FusedConv) for m in called)
 
 
 TIME_IDEAL_METHODS = ("early_exit", "early_exit_micro", "predict")

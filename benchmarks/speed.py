@@ -12,9 +12,10 @@ over a range of batch sizes, this measures with `torch.utils.benchmark.Timer`:
 
 And, per method (`--methods`), against the *baseline*, the original model run the best way on
 the device (same autocast and memory format as the other methods): on CPU the fastest, in that
-run, of the eager module as it is, the module with its conv → batch norm pairs folded into
-single convolutions (torch's `torch.fx.experimental.optimization.fuse`; the stages that
-inference runs fold theirs too), and, when the net runs micro-batches (`--micro-batch`),
+run, of the eager module as it is, the module traced with the same rewrites as the stages
+that inference runs (conv → batch norm pairs folded into single convolutions, ReLUs and
+residual sums applied by the convolutions through oneDNN, temporaries written in place;
+`fold_original`), and, when the net runs micro-batches (`--micro-batch`),
 both on the same micro-batches; on CUDA the folded module captured in one
 CUDA graph at the row's batch size. A model torch.fx cannot trace stays unfolded, with a note:
 
@@ -606,16 +607,25 @@ class Summary:
 
 
 def fold_original(model: torch.nn.Module) -> tuple[torch.nn.Module, str | None]:
-    """The model with its conv → batch norm pairs folded by torch.fx's `fuse`.
+    """The model traced as one stage, with the rewrites the net's inference stages get.
 
-    Returns the folded copy and None, or the model itself and why it could not be folded.
+    Batch norms folded into the convolutions before them (`earlyexit.fx._fold`), ReLUs and
+    residual sums applied by the convolutions on CPU (`earlyexit.fx._pointwise`),
+    temporaries written in place (`earlyexit.fx._inplace`): so the baseline gains from them
+    what the net gains. It shares the model's parameters and must run in eval mode.
+
+    Returns the rewritten module and None, or the model itself and why it could not be traced.
     """
-    from torch.fx.experimental.optimization import fuse
+    from earlyexit.fx._fold import fold_batchnorm
+    from earlyexit.fx._inplace import rewrite_inplace
+    from earlyexit.fx._pointwise import fuse_pointwise
 
     try:
-        return fuse(model), None
+        traced = torch.fx.symbolic_trace(model)
     except Exception as err:  # any model torch.fx cannot trace
         return model, f"torch.fx could not trace it ({type(err).__name__})"
+    traced.train(model.training)
+    return rewrite_inplace(fuse_pointwise(fold_batchnorm(traced))), None
 
 
 def compare_methods(
@@ -694,8 +704,8 @@ def measure(
     batches = list(data.split(batch_size))
     original: Callable[[torch.Tensor], object] = net.backbone
     notes = []
-    # The best eager original: its batch norms folded into the convolutions, as the stages
-    # that inference runs fold theirs (a user gets it with one call to torch's `fuse`).
+    # The best eager original: rewritten as the stages that inference runs are (batch norms
+    # folded, ReLUs and sums fused into the convolutions on CPU, in place).
     best, why_not_folded = fold_original(net.backbone)
     if why_not_folded:
         notes.append(f"the baseline's batch norms are not folded: {why_not_folded}.")

@@ -232,11 +232,16 @@ def test_speed_preset_runs_each_model_with_its_settings(script, tmp_path, monkey
 
 def test_speed_folds_the_baseline_s_norms_or_says_why_not(script):
     speed = script("speed")
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()
+    ).eval()
     folded, why_not = speed.fold_original(model)
-    assert why_not is None and not any(
-        isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()
-    )
+    # One call: the convolution with the norm folded in and the ReLU applied by it.
+    (call,) = [n for n in folded.graph.nodes if n.op == "call_module"]
+    assert why_not is None and type(folded.get_submodule(call.target)).__name__ == "FusedConv"
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), model(x))
 
     class DataDependent(torch.nn.Module):
         def forward(self, x):
@@ -390,6 +395,21 @@ def test_fresh_times_each_method_in_a_process_of_its_own(script, tmp_path, capsy
     for r in (runs[0], runs[2]):
         assert r["time_ideal_ms"] > 0
     assert "time ideal of early_exit" in printed and "time ideal of predict" in printed
+
+
+def test_fresh_unfused_runs_the_stages_without_the_fused_convolutions(script, tmp_path):
+    fresh = script("fresh")
+    argv = ["--model", "resnet20", "--n-exits", "2", "--batch-size", "4", "--threads", "1"]
+    argv += ["--runs", "1", "--calls", "1", "--methods", "no_exit"]
+    counts = []
+    for extra in ([], ["--unfused"]):
+        saved = tmp_path / f"fresh{len(extra)}.json"
+        assert fresh.main([*argv, *extra, "--json", str(saved)]) == 0
+        (run,) = json.loads(saved.read_text())["runs"]
+        counts.append(run["fused_convolutions"])
+    # The stem's convolution and two per block of nine (the graph's; whether oneDNN runs them
+    # fused is decided when they run), and none with --unfused.
+    assert counts == [19, 0]
 
 
 def test_fresh_time_ideal_weighs_each_stage_by_the_samples_that_reach_it(script, monkeypatch):

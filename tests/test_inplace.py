@@ -16,6 +16,7 @@ from torch import fx, nn
 
 import earlyexit
 from earlyexit.fx._inplace import add_, relu_, rewrite_inplace
+from earlyexit.fx._pointwise import FusedConv
 
 from toy_models import randomize_norms
 
@@ -210,11 +211,19 @@ def test_inference_stages_equal_the_eval_stages_up_to_rounding(name):
     assert torch.equal(x, before)
 
 
-def test_resnet_stages_write_their_sums_and_relus_in_place():
+@pytest.mark.parametrize("fuse", [True, False])
+def test_resnet_stages_write_their_sums_and_relus_in_place(fuse):
     net = earlyexit.convert(timm.create_model("resnet20", num_classes=10), n_exits=2).eval()
-    names = [name for stage in net.staged.inference_stages() for name in _rewritten(stage)]
+    net.fold_batchnorm = fuse  # without folding nothing is fused (`earlyexit.fx._pointwise`)
+    stages = net.staged.inference_stages()
+    names = [name for stage in stages for name in _rewritten(stage)]
+    called = [s.get_submodule(n.target) for s in stages for n in s.graph.nodes
+              if n.op == "call_module"]  # fmt: skip
+    fused = [m for m in called if isinstance(m, FusedConv)]
     # Nine blocks: two relus and one sum each, and nothing in the plain eval stages.
-    assert names.count("relu_") == 2 * 9 + 1 and names.count("add_") == 9
+    relus = names.count("relu_") + sum(m.relu for m in fused)
+    assert relus == 2 * 9 + 1 and names.count("add_") + sum(m.add for m in fused) == 9
+    assert bool(fused) == fuse
     assert not any(_rewritten(s) for s in net.stages(training=False))
 
 

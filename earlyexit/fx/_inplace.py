@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from earlyexit.fx._fold import FoldedConvBN, copy_stage
+from earlyexit.fx._pointwise import FusedConv
 
 __all__ = ["rewrite_inplace"]
 
@@ -39,6 +40,7 @@ __all__ = ["rewrite_inplace"]
 _FRESH_MODULES: tuple[type[nn.Module], ...] = (
     nn.modules.conv._ConvNd,
     FoldedConvBN,
+    FusedConv,
     nn.Linear,
     nn.modules.batchnorm._BatchNorm,
     nn.modules.instancenorm._InstanceNorm,
@@ -196,6 +198,21 @@ class _Rewriter:
                     return False
         return True
 
+    def rewrite_fused(self, node: fx.Node) -> bool:
+        """Have a fused convolution + sum write into its second input where the stage owns
+        it (and it is not also the convolution's input); whether it did."""
+        module = self.module(node)
+        if not isinstance(module, FusedConv) or not module.add or module.into_other:
+            return False
+        if len(node.args) != 2 or node.kwargs or node.args[0] is node.args[1]:
+            return False
+        if not self.owned(node.args[1], node):
+            return False
+        name = _free_name(self.gm, f"{node.target}_into".replace(".", "_"))
+        self.gm.add_submodule(name, module.writing_into_other())
+        node.target = name
+        return True
+
     def rewrite(self, node: fx.Node) -> bool:
         """Rewrite `node` to work in place where it owns an operand; whether it did."""
         module = self.module(node)
@@ -225,12 +242,25 @@ class _Rewriter:
         """Rewrite the graph; the number of ops rewritten."""
         count = 0
         for node in list(self.gm.graph.nodes):
-            if self.rewrite(node):
+            if self.rewrite_fused(node):
+                # Its output is its second input's tensor or a new one: either way the
+                # stage's own, and nothing else reads that input again.
+                self.fresh.add(node)
+                count += 1
+            elif self.rewrite(node):
                 self.passes.add(node)
                 count += 1
             else:
                 self.classify(node)
         return count
+
+
+def _free_name(gm: nn.Module, base: str) -> str:
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
 
 
 def rewrite_inplace(stage: fx.GraphModule) -> fx.GraphModule:

@@ -20,6 +20,7 @@ from earlyexit.fx._fold import fold_batchnorm as fold_stage
 from earlyexit.fx._fold import folded_pairs
 from earlyexit.fx._inplace import rewrite_inplace
 from earlyexit.fx._ops import has_effect, is_size_source
+from earlyexit.fx._pointwise import fuse_pointwise
 from earlyexit.fx.analysis import CutPoint, GraphAnalysis, ModelAnalysis
 
 __all__ = ["StagedGraph", "split_graph", "split_model"]
@@ -71,7 +72,8 @@ class StagedGraph(nn.Module):
 
     @property
     def fold_batchnorm(self) -> bool:
-        """Whether `inference_stages` fold batch norms into convolutions (default True)."""
+        """Whether `inference_stages` fold batch norms into convolutions and fuse the ReLUs
+        and sums after them (default True)."""
         return self._fold
 
     @fold_batchnorm.setter
@@ -92,11 +94,13 @@ class StagedGraph(nn.Module):
         return list((self._compiled or self._stages)[mode])
 
     def inference_stages(self) -> list[nn.Module]:
-        """The eval-mode stages for inference: norms folded, temporaries written in place.
+        """The eval-mode stages for inference: norms folded, ReLUs and sums fused, in place.
 
         Where autograd is off, each conv → batch norm pair runs as one convolution with the
-        norm folded into its weights (see `earlyexit.fx._fold`; unless `fold_batchnorm` is
-        False), and ops overwrite
+        norm folded into its weights (see `earlyexit.fx._fold`), and on CPU a 2-d
+        convolution applies the ReLU and the residual sum after it as it writes its output
+        (oneDNN post-ops, see `earlyexit.fx._pointwise`), unless `fold_batchnorm` is False;
+        and ops overwrite
         temporaries that nothing reads again (`relu` after a norm, the sum that ends a
         residual block), which saves the allocator work and, on CPU, the page faults of fresh
         memory (see `earlyexit.fx._inplace`). The results are those of `stages(False)` up to
@@ -107,8 +111,8 @@ class StagedGraph(nn.Module):
             return list(self._compiled[False])
         if self._inference is None:
             chain = self._stages[False]
-            if self._fold:
-                chain = tuple(fold_stage(s) for s in chain)
+            if self._fold:  # and fuse: both round (or may) as the eval stages do not
+                chain = tuple(fuse_pointwise(fold_stage(s)) for s in chain)
             self._inference = tuple(rewrite_inplace(s) for s in chain)
         return list(self._inference)
 

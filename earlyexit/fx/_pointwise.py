@@ -1,0 +1,362 @@
+"""Eval-mode stages whose convolutions apply the ReLU and the residual sum after them, on CPU.
+
+After batch-norm folding, a CIFAR ResNet's block is a convolution, a ReLU, a convolution, a
+sum with the shortcut and a ReLU, and each convolution makes a fresh activation: two per
+block. At batch 256 and 32×32 with 16 channels each is 16 MiB, and with glibc's default
+malloc a fresh block of that size is often handed back to the system and page-faulted in
+again. oneDNN, the library behind PyTorch's CPU convolutions, can apply the ReLU and the
+sum to each output tile while it is in the cache ("post-ops"), and can write the result into
+the shortcut itself; PyTorch exposes both as `torch.ops.mkldnn._convolution_pointwise` (and
+`_convolution_pointwise_`, in place), the ops `torch.compile` uses for the same fusion on
+CPU. A block then makes one fresh activation instead of two.
+
+`fuse_pointwise` returns a copy of a stage in which each 2-d convolution (or folded
+convolution → batch norm pair, see `earlyexit.fx._fold`) whose output is read only by a ReLU,
+by a sum, or by a sum read only by a ReLU, runs as one `FusedConv`; `earlyexit.fx._inplace`
+then lets a fused sum write into its shortcut where the stage owns it and nothing reads it
+again (`FusedConv.into_other`). When it runs, a `FusedConv` checks that the fused op applies:
+autograd off, no autocast, a float32 4-d input on the CPU, oneDNN present and enabled, no
+hooks on the modules involved, a shortcut of the output's shape (and, to write into it, of
+the output's memory layout and not the input's memory). Otherwise it computes the ops one
+by one. The fused op gives the same values as the separate ops, bit for bit in every case
+the tests check (it adds and clamps the same float32 sums), in the same memory layout.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from earlyexit.fx._fold import FoldedConvBN, copy_stage
+
+__all__ = ["FusedConv", "fuse_pointwise", "fused_op_available"]
+
+_GLOBAL_PRE_HOOKS = nn.modules.module._global_forward_pre_hooks
+_GLOBAL_HOOKS = nn.modules.module._global_forward_hooks
+
+# Sums whose result is a new tensor, and those that write into their first operand.
+_ADD = frozenset({operator.add, torch.add, "add"})
+_ADD_INTO_FIRST = frozenset({operator.iadd, "add_"})
+_RELU_FUNCTIONS = frozenset({F.relu, torch.relu, torch.relu_})
+_RELU_METHODS = frozenset({"relu", "relu_"})
+
+
+def fused_op_available() -> bool:
+    """Whether this PyTorch build has oneDNN's fused convolution ops (and oneDNN is on)."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+        and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
+    )
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(
+        module._forward_pre_hooks
+        or module._forward_hooks
+        or _GLOBAL_PRE_HOOKS
+        or _GLOBAL_HOOKS
+        or "forward" in module.__dict__
+    )
+
+
+class FusedConv(nn.Module):
+    """A 2-d convolution, then optionally a sum with a second input, then optionally a ReLU.
+
+    On the CPU with autograd off it runs as one oneDNN convolution with the sum and the ReLU
+    as post-ops; otherwise as the separate ops. It holds the modules themselves (shared, not
+    copied).
+
+    Args:
+        conv: an `nn.Conv2d` or a `FoldedConvBN` around one.
+        add: whether the convolution's output is summed with `forward`'s second input.
+        relu: whether a ReLU follows; `relu_module` is the `nn.ReLU` module it was, if any
+            (its hooks are honoured).
+        into_other: write the result into the second input, where the fused op runs and the
+            second input has the output's shape and memory layout and shares no memory with
+            the first (`earlyexit.fx._inplace` sets it where the stage owns that input and
+            nothing reads it again). A residual block then allocates one activation instead
+            of two: on CPU, fewer fresh pages to fault in.
+    """
+
+    def __init__(
+        self,
+        conv: nn.Module,
+        *,
+        add: bool,
+        relu: bool,
+        relu_module: nn.Module | None = None,
+        into_other: bool = False,
+    ) -> None:
+        super().__init__()
+        if not (add or relu):
+            raise ValueError("Expected a sum, a ReLU or both after the convolution.")
+        if into_other and not add:
+            raise ValueError("Expected a sum to write into its second input (`into_other`).")
+        self.conv = conv
+        self.add = bool(add)
+        self.relu = bool(relu)
+        self.relu_module = relu_module
+        self.into_other = bool(into_other)
+
+    def writing_into_other(self) -> FusedConv:
+        """The same ops, writing into the second input where they can (`into_other`)."""
+        return FusedConv(
+            self.conv, add=True, relu=self.relu, relu_module=self.relu_module, into_other=True
+        )
+
+    def _conv2d(self) -> nn.Conv2d:
+        return self.conv.conv if isinstance(self.conv, FoldedConvBN) else self.conv
+
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The weight and bias the fused op would use now, or None where it must not run."""
+        conv = self.conv
+        if isinstance(conv, FoldedConvBN):
+            if conv.bn.training:
+                return None
+            key = conv.source_key()
+            return None if key is None else conv.folded(key)
+        return conv.weight, conv.bias
+
+    def _plain(self) -> bool:
+        """Whether the ops may run as inference ops: autograd off, no hooks on any module."""
+        if torch.is_grad_enabled():
+            return False
+        modules = [self.conv, self._conv2d()]
+        if isinstance(self.conv, FoldedConvBN):
+            modules.append(self.conv.bn)
+        if self.relu_module is not None:
+            modules.append(self.relu_module)
+        return not any(_hooked(m) for m in modules)
+
+    def _fusable(self, x: torch.Tensor, other: torch.Tensor | None) -> bool:
+        """Whether the fused op applies to these inputs (autograd already known to be off)."""
+        if (
+            torch.is_autocast_enabled("cpu")
+            or x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or x.dim() != 4
+            or x.layout != torch.strided
+            or not fused_op_available()
+            or type(self._conv2d()) is not nn.Conv2d
+        ):
+            return False
+        if other is None:
+            return True
+        if (
+            not isinstance(other, torch.Tensor)
+            or other.dtype != torch.float32
+            or other.device.type != "cpu"
+            or other.layout != torch.strided
+        ):
+            return False
+        return tuple(other.shape) == _output_shape(self._conv2d(), x)
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        if not self._plain():
+            return self._as_written(x, other)
+        weights = self._weights() if self._fusable(x, other) else None
+        if weights is None or any(t is not None and t.dtype != torch.float32 for t in weights):
+            return self._separate(x, other)
+        weight, bias = weights
+        conv = self._conv2d()
+        geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        if not self.add:
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, weight, bias, *geometry, "relu", [], ""
+            )
+        unary = "relu" if self.relu else None
+        if self.into_other and _writable(other, x, weight):
+            return torch.ops.mkldnn._convolution_pointwise_.binary(
+                other, x, weight, bias, *geometry, "add", None, unary, [], None
+            )
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, other, weight, bias, *geometry, "add", None, unary, [], None
+        )
+
+    def _separate(self, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+        """The ops one by one, autograd off: the sum and the ReLU write into the new output."""
+        y = self.conv(x)
+        if self.add:
+            same = isinstance(other, torch.Tensor) and _sums_into(y, other)
+            y = y.add_(other) if same else y + other
+        return torch.relu_(y) if self.relu else y
+
+    def _as_written(self, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+        """The ops as the stage was written: for autograd and for hooks."""
+        y = self.conv(x)
+        if self.add:
+            y = y + other
+        if not self.relu:
+            return y
+        return torch.relu(y) if self.relu_module is None else self.relu_module(y)
+
+
+def _writable(other: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the convolution of `x` may be written into `other`: dense in the layout the
+    convolution's own output would have, and sharing no memory with `x`."""
+    channels_last = _channels_last(x) or _channels_last(weight)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return (
+        other.is_contiguous(memory_format=layout)
+        and other.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    )
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    """Whether a 4-d tensor's strides say channels_last (and not also contiguous)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _sums_into(y: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether `y.add_(other)` gives `y + other`: same shape after broadcasting, same dtype."""
+    if other.shape == y.shape and other.dtype == y.dtype:
+        return True
+    shape = torch.broadcast_shapes(y.shape, other.shape)
+    return y.shape == shape and y.dtype == torch.result_type(y, other)
+
+
+def _output_shape(conv: nn.Conv2d, x: torch.Tensor) -> tuple[int, ...]:
+    n, _, *spatial = x.shape
+    size = [
+        (s + 2 * p - d * (k - 1) - 1) // st + 1
+        for s, p, d, k, st in zip(
+            spatial, conv.padding, conv.dilation, conv.kernel_size, conv.stride, strict=True
+        )
+    ]
+    return (n, conv.out_channels, *size)
+
+
+def _fusable_conv(module: nn.Module | None) -> bool:
+    """A plain `Conv2d` with explicit zero padding, folded with its norm or not."""
+    if isinstance(module, FoldedConvBN):
+        module = module.conv
+    return (
+        type(module) is nn.Conv2d
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
+
+
+class _Fuser:
+    """Walks a stage's graph once, replacing each fusable pattern with a `FusedConv`."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+
+    def module(self, node: object) -> nn.Module | None:
+        if isinstance(node, fx.Node) and node.op == "call_module":
+            return self.gm.get_submodule(str(node.target))
+        return None
+
+    def conv_node(self, node: object) -> bool:
+        """A convolution call whose only reader is the op after it."""
+        return (
+            isinstance(node, fx.Node)
+            and len(node.args) == 1
+            and not node.kwargs
+            and len(node.users) == 1
+            and _fusable_conv(self.module(node))
+        )
+
+    def relu(self, node: fx.Node) -> tuple[bool, nn.Module | None]:
+        """Whether `node` is a ReLU of its one argument, and the `nn.ReLU` module if it is one."""
+        if len(node.args) != 1:
+            return False, None
+        module = self.module(node)
+        if module is not None:
+            return type(module) is nn.ReLU and not node.kwargs, module
+        if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
+            return set(node.kwargs) <= {"inplace"}, None
+        return node.op == "call_method" and node.target in _RELU_METHODS and not node.kwargs, None
+
+    def add_operands(self, node: fx.Node) -> tuple[fx.Node, object] | None:
+        """The convolution and the other operand of a plain sum `node`, if it is one."""
+        if node.op not in ("call_function", "call_method") or node.kwargs or len(node.args) != 2:
+            return None
+        a, b = node.args
+        if node.target in _ADD_INTO_FIRST:
+            # It writes into `a`: only `a` may be the convolution (a fresh tensor then).
+            return (a, b) if self.conv_node(a) else None
+        if node.target not in _ADD:
+            return None
+        for conv, other in ((a, b), (b, a)):
+            if self.conv_node(conv) and isinstance(other, fx.Node):
+                return conv, other
+        return None
+
+    def replace(self, last: fx.Node, conv: fx.Node, fused: FusedConv, args: tuple) -> None:
+        name = _free_name(self.gm, f"{conv.target}_fused".replace(".", "_"))
+        self.gm.add_submodule(name, fused)
+        with self.gm.graph.inserting_before(last):
+            new = self.gm.graph.call_module(name, args)
+        last.replace_all_uses_with(new)
+        new.meta.update(last.meta)
+
+    def run(self) -> int:
+        count = 0
+        graph = self.gm.graph
+        erased: set[fx.Node] = set()
+        for node in list(graph.nodes):
+            if node in erased or node.op not in ("call_module", "call_function", "call_method"):
+                continue
+            is_relu, relu_module = self.relu(node)
+            source = node.args[0] if is_relu else None
+            if is_relu and self.conv_node(source):
+                conv = self.module(source)
+                fused = FusedConv(conv, add=False, relu=True, relu_module=relu_module)
+                self.replace(node, source, fused, (source.args[0],))
+                graph.erase_node(node)
+                graph.erase_node(source)
+                count += 1
+                continue
+            operands = None if is_relu else self.add_operands(node)
+            if operands is None:
+                continue
+            conv_node, other = operands
+            after = next(iter(node.users)) if len(node.users) == 1 else None
+            relu_after, relu_module = self.relu(after) if after is not None else (False, None)
+            last = after if relu_after else node
+            fused = FusedConv(
+                self.module(conv_node), add=True, relu=relu_after, relu_module=relu_module
+            )
+            self.replace(last, conv_node, fused, (conv_node.args[0], other))
+            if relu_after:
+                graph.erase_node(after)
+                erased.add(after)
+            graph.erase_node(node)
+            graph.erase_node(conv_node)
+            count += 1
+        return count
+
+
+def _free_name(gm: nn.Module, base: str) -> str:
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def fuse_pointwise(stage: fx.GraphModule) -> fx.GraphModule:
+    """A copy of an eval-mode stage whose convolutions apply the ReLU and sum after them.
+
+    The copy shares the stage's modules, parameters and buffers; only its graph differs (and
+    the `FusedConv` modules it adds). Where the fused op does not apply when it runs (see the
+    module docstring), each `FusedConv` computes as the stage is written.
+
+    Args:
+        stage: an eval-mode stage (batch norms folded or not).
+
+    Returns:
+        The rewritten stage (a new `GraphModule`, also when nothing could be fused).
+    """
+    gm = copy_stage(stage)
+    if _Fuser(gm).run():
+        gm.graph.lint()
+        gm.recompile()
+    return gm
