@@ -16,6 +16,7 @@ import torchvision
 from torch import fx, nn
 
 import earlyexit
+import earlyexit.fx._pointwise
 from earlyexit.fx._fold import fold_batchnorm
 from earlyexit.fx._inplace import rewrite_inplace
 from earlyexit.fx._pointwise import FusedConv, fuse_pointwise, fused_op_available
@@ -25,6 +26,12 @@ from toy_models import randomize_norms
 needs_onednn = pytest.mark.skipif(
     not fused_op_available(), reason="this PyTorch build has no oneDNN fused convolutions"
 )
+
+
+@pytest.fixture(autouse=True)
+def fuse_small_outputs(monkeypatch):
+    """The tests' small tensors run the fused op too (it runs for large outputs only)."""
+    monkeypatch.setattr(earlyexit.fx._pointwise, "MIN_FUSED_ELEMENTS", 0)
 
 
 def _fused(gm: fx.GraphModule) -> list[FusedConv]:
@@ -324,3 +331,16 @@ def test_writing_into_the_shortcut_is_checked_when_it_runs():
     assert torch.equal(got, expected) and got.data_ptr() == other.data_ptr()
     with pytest.raises(ValueError, match="into its second input"):
         FusedConv(conv, add=False, relu=True, into_other=True)
+
+
+@needs_onednn
+def test_small_outputs_run_the_ops_one_by_one(monkeypatch):
+    monkeypatch.setattr(earlyexit.fx._pointwise, "MIN_FUSED_ELEMENTS", 2 * 8 * 6 * 6 + 1)
+    plain, fast = _stage(Block())
+    x = torch.randn(2, 8, 6, 6)
+    with torch.inference_mode():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = fast(x)
+        expected = plain(x)
+    assert not any("_convolution_pointwise" in e.key for e in prof.key_averages())
+    assert torch.equal(got, expected)
