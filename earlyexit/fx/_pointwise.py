@@ -10,9 +10,10 @@ the shortcut itself; PyTorch exposes both as `torch.ops.mkldnn._convolution_poin
 `_convolution_pointwise_`, in place), the ops `torch.compile` uses for the same fusion on
 CPU. A block then makes one fresh activation instead of two.
 
-`fuse_pointwise` returns a copy of a stage in which each 2-d convolution (or folded
-convolution → batch norm pair, see `earlyexit.fx._fold`) whose output is read only by a ReLU,
-by a sum, or by a sum read only by a ReLU, runs as one `FusedConv`; `earlyexit.fx._inplace`
+`fuse_pointwise` returns a copy of a stage in which each ungrouped 2-d convolution (or
+folded convolution → batch norm pair, see `earlyexit.fx._fold`) whose output is read only by
+a ReLU, by a sum (`+`, not `add_`), or by a sum read only by a ReLU, with nothing in between
+that may write into a tensor, runs as one `FusedConv`; `earlyexit.fx._inplace`
 then lets a fused sum write into its shortcut where the stage owns it and nothing reads it
 again (`FusedConv.into_other`). When it runs, a `FusedConv` checks that the fused op applies:
 autograd off, no autocast, a float32 4-d input on the CPU, oneDNN present and enabled, no
@@ -22,7 +23,7 @@ the input's memory). Otherwise it computes the ops one by one. The fused op give
 values as the separate ops, bit for bit in every case the tests check and on ResNet-110 at
 batches of 4 to 256 (it adds and clamps the same float32 sums), in the same memory layout;
 at batch 1, where it no longer runs, oneDNN's fused kernel rounded differently (about 1e-7
-relative).
+relative). One difference: oneDNN's ReLU turns a NaN into 0, where `torch.relu` keeps it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from earlyexit.fx._fold import FoldedConvBN, copy_stage
+from earlyexit.fx._ops import has_effect
 
 __all__ = ["FusedConv", "fuse_pointwise", "fused_op_available"]
 
@@ -46,9 +48,8 @@ MIN_FUSED_ELEMENTS = 1 << 20
 _GLOBAL_PRE_HOOKS = nn.modules.module._global_forward_pre_hooks
 _GLOBAL_HOOKS = nn.modules.module._global_forward_hooks
 
-# Sums whose result is a new tensor, and those that write into their first operand.
+# Sums whose result is a new tensor (not `add_` or `+=` on a tensor: they keep its dtype).
 _ADD = frozenset({operator.add, torch.add, "add"})
-_ADD_INTO_FIRST = frozenset({operator.iadd, "add_"})
 _RELU_FUNCTIONS = frozenset({F.relu, torch.relu, torch.relu_})
 _RELU_METHODS = frozenset({"relu", "relu_"})
 
@@ -209,19 +210,29 @@ class FusedConv(nn.Module):
 
 
 def _writable(other: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the convolution of `x` may be written into `other`: dense in the layout the
-    convolution's own output would have, and sharing no memory with `x`."""
-    channels_last = _channels_last(x) or _channels_last(weight)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    return (
-        other.is_contiguous(memory_format=layout)
-        and other.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
-    )
+    """Whether the convolution of `x` may be written into `other`: `other` has exactly the
+    strides the convolution's own output would have, and shares no memory with `x`."""
+    if other.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        return False
+    x_layout, w_layout = _layout(x), _layout(weight)
+    if "channels_last" in (x_layout, w_layout):  # PyTorch's rule: either makes the output so
+        channels_last = True
+    elif x_layout == w_layout == "contiguous":
+        channels_last = False
+    else:
+        return False  # strides that fit both layouts: which one the output gets is not clear
+    _, c, h, w = other.shape
+    strides = (h * w * c, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
+    return other.stride() == strides
 
 
-def _channels_last(t: torch.Tensor) -> bool:
-    """Whether a 4-d tensor's strides say channels_last (and not also contiguous)."""
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+def _layout(t: torch.Tensor) -> str | None:
+    """ "contiguous" or "channels_last" for a 4-d tensor dense in one of them only, else None."""
+    contiguous = t.is_contiguous()
+    channels_last = t.is_contiguous(memory_format=torch.channels_last)
+    if contiguous != channels_last:
+        return "contiguous" if contiguous else "channels_last"
+    return None
 
 
 def _sums_into(y: torch.Tensor, other: torch.Tensor) -> bool:
@@ -244,13 +255,14 @@ def _output_shape(conv: nn.Conv2d, x: torch.Tensor) -> tuple[int, ...]:
 
 
 def _fusable_conv(module: nn.Module | None) -> bool:
-    """A plain `Conv2d` with explicit zero padding, folded with its norm or not."""
+    """A plain, ungrouped `Conv2d` with explicit zero padding, folded with its norm or not."""
     if isinstance(module, FoldedConvBN):
         module = module.conv
     return (
         type(module) is nn.Conv2d
         and module.padding_mode == "zeros"
         and not isinstance(module.padding, str)
+        and module.groups == 1  # grouped ones rounded differently when written in place
     )
 
 
@@ -281,7 +293,8 @@ class _Fuser:
             return False, None
         module = self.module(node)
         if module is not None:
-            return type(module) is nn.ReLU and not node.kwargs, module
+            is_relu = type(module) is nn.ReLU and not node.kwargs
+            return is_relu, module if is_relu else None
         if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
             return set(node.kwargs) <= {"inplace"}, None
         return node.op == "call_method" and node.target in _RELU_METHODS and not node.kwargs, None
@@ -291,15 +304,32 @@ class _Fuser:
         if node.op not in ("call_function", "call_method") or node.kwargs or len(node.args) != 2:
             return None
         a, b = node.args
-        if node.target in _ADD_INTO_FIRST:
-            # It writes into `a`: only `a` may be the convolution (a fresh tensor then).
-            return (a, b) if self.conv_node(a) else None
-        if node.target not in _ADD:
+        if node.target not in _ADD or a is b:  # `conv(x) + conv(x)` of one node: not a shortcut
             return None
         for conv, other in ((a, b), (b, a)):
             if self.conv_node(conv) and isinstance(other, fx.Node):
                 return conv, other
         return None
+
+    def may_write(self, node: fx.Node) -> bool:
+        """Whether a node may change a tensor it reads (an in-place op, an unknown module)."""
+        module = self.module(node)
+        if module is not None:
+            known = type(module).__module__.startswith("torch.nn.") or isinstance(
+                module, (FoldedConvBN, FusedConv)
+            )
+            return getattr(module, "inplace", False) is True or not known
+        return node.op in ("call_function", "call_method") and has_effect(node)
+
+    def undisturbed(self, first: fx.Node, last: fx.Node) -> bool:
+        """Whether nothing between two nodes may write: the fused node runs where `last` was,
+        so the convolution's input and the shortcut must be unchanged until then."""
+        node = first.next
+        while node is not last:
+            if self.may_write(node):
+                return False
+            node = node.next
+        return True
 
     def replace(self, last: fx.Node, conv: fx.Node, fused: FusedConv, args: tuple) -> None:
         name = _free_name(self.gm, f"{conv.target}_fused".replace(".", "_"))
@@ -318,7 +348,7 @@ class _Fuser:
                 continue
             is_relu, relu_module = self.relu(node)
             source = node.args[0] if is_relu else None
-            if is_relu and self.conv_node(source):
+            if is_relu and self.conv_node(source) and self.undisturbed(source, node):
                 conv = self.module(source)
                 fused = FusedConv(conv, add=False, relu=True, relu_module=relu_module)
                 self.replace(node, source, fused, (source.args[0],))
@@ -333,6 +363,8 @@ class _Fuser:
             after = next(iter(node.users)) if len(node.users) == 1 else None
             relu_after, relu_module = self.relu(after) if after is not None else (False, None)
             last = after if relu_after else node
+            if not self.undisturbed(conv_node, last):
+                continue
             fused = FusedConv(
                 self.module(conv_node), add=True, relu=relu_after, relu_module=relu_module
             )
