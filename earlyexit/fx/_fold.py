@@ -29,7 +29,7 @@ from collections.abc import Iterable
 import torch
 from torch import fx, nn
 
-__all__ = ["FoldedConvBN", "copy_stage", "fold_batchnorm", "folded_pairs"]
+__all__ = ["FoldedConvBN", "copy_stage", "fold_batchnorm", "folded_pairs", "free_name"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -204,7 +204,7 @@ def fold_batchnorm(stage: fx.GraphModule) -> fx.GraphModule:
         conv, bn = gm.get_submodule(source.target), gm.get_submodule(node.target)
         if not _foldable(conv, bn):
             continue
-        name = _free_name(gm, f"{source.target}_bn".replace(".", "_"))
+        name = free_name(gm, f"{source.target}_bn".replace(".", "_"))
         gm.add_submodule(name, FoldedConvBN(conv, bn))
         source.target = name
         node.replace_all_uses_with(source)
@@ -215,7 +215,8 @@ def fold_batchnorm(stage: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _free_name(gm: nn.Module, base: str) -> str:
+def free_name(gm: nn.Module, base: str) -> str:
+    """`base`, or `base_1`, `base_2`, ...: the first that is not an attribute of `gm` yet."""
     name, i = base, 0
     while hasattr(gm, name):
         i += 1

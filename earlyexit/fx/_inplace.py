@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from earlyexit.fx._fold import FoldedConvBN, copy_stage
+from earlyexit.fx._fold import FoldedConvBN, copy_stage, free_name
 from earlyexit.fx._pointwise import FusedConv
 
 __all__ = ["rewrite_inplace"]
@@ -208,7 +208,7 @@ class _Rewriter:
             return False
         if not self.owned(node.args[1], node):
             return False
-        name = _free_name(self.gm, f"{node.target}_into".replace(".", "_"))
+        name = free_name(self.gm, f"{node.target}_into".replace(".", "_"))
         self.gm.add_submodule(name, module.writing_into_other())
         node.target = name
         return True
@@ -253,14 +253,6 @@ class _Rewriter:
             else:
                 self.classify(node)
         return count
-
-
-def _free_name(gm: nn.Module, base: str) -> str:
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    return name
 
 
 def rewrite_inplace(stage: fx.GraphModule) -> fx.GraphModule:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from earlyexit.fx._fold import FoldedConvBN, copy_stage
+from earlyexit.fx._fold import FoldedConvBN, copy_stage, free_name
 from earlyexit.fx._ops import has_effect
 
 __all__ = ["FusedConv", "fuse_pointwise", "fused_op_available"]
@@ -332,7 +332,7 @@ class _Fuser:
         return True
 
     def replace(self, last: fx.Node, conv: fx.Node, fused: FusedConv, args: tuple) -> None:
-        name = _free_name(self.gm, f"{conv.target}_fused".replace(".", "_"))
+        name = free_name(self.gm, f"{conv.target}_fused".replace(".", "_"))
         self.gm.add_submodule(name, fused)
         with self.gm.graph.inserting_before(last):
             new = self.gm.graph.call_module(name, args)
@@ -376,14 +376,6 @@ class _Fuser:
             graph.erase_node(conv_node)
             count += 1
         return count
-
-
-def _free_name(gm: nn.Module, base: str) -> str:
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    return name
 
 
 def fuse_pointwise(stage: fx.GraphModule) -> fx.GraphModule:
