@@ -158,9 +158,11 @@ class EarlyExitNet(nn.Module):
         relative), and the folded weights are a second copy of the convolutions' weights.
         They are made again when a weight, statistic or `eps` changes in a way PyTorch tracks,
         and at every `net.eval()` / `net.train()`; after an in-place edit through `.data`,
-        which no version counter sees, call `net.eval()`. Set it to False for inference that
-        is the original model bit for bit (with early exits off); training, `forward_all`
-        and export never fold.
+        which no version counter sees, call `net.eval()`. With it, on CPU, large float32
+        convolutions also do the ReLU and residual sum after them (oneDNN post-ops; see
+        *Inference* in the docs), which keeps the values but turns a NaN through such a
+        ReLU into 0. Set it to False for inference that is the original model bit for bit
+        (with early exits off); training, `forward_all` and export never fold.
         """
         return self.staged.fold_batchnorm
 
