@@ -170,12 +170,9 @@ def child(args: argparse.Namespace) -> dict:
 
 def _fused_convolutions(net: earlyexit.EarlyExitNet) -> int:
     """How many convolutions of the net's inference stages do their ReLU or sum themselves."""
-    from earlyexit.fx._pointwise import FusedConv
+    from earlyexit.fx._pointwise import fused_convolutions
 
-    stages = net.staged.inference_stages()
-    called = [s.get_submodule(n.target) for s in stages for n in s.graph.nodes
-              if n.op == "call_module"]  # fmt: skip
-    return sum(isinstance(m, FusedConv) for m in called)
+    return len(fused_convolutions(net.staged.inference_stages()))
 
 
 TIME_IDEAL_METHODS = ("early_exit", "early_exit_micro", "predict")

@@ -16,7 +16,7 @@ from torch import fx, nn
 
 import earlyexit
 from earlyexit.fx._inplace import add_, relu_, rewrite_inplace
-from earlyexit.fx._pointwise import FusedConv
+from earlyexit.fx._pointwise import fused_convolutions
 
 from toy_models import randomize_norms
 
@@ -217,9 +217,7 @@ def test_resnet_stages_write_their_sums_and_relus_in_place(fuse):
     net.fold_batchnorm = fuse  # without folding nothing is fused (`earlyexit.fx._pointwise`)
     stages = net.staged.inference_stages()
     names = [name for stage in stages for name in _rewritten(stage)]
-    called = [s.get_submodule(n.target) for s in stages for n in s.graph.nodes
-              if n.op == "call_module"]  # fmt: skip
-    fused = [m for m in called if isinstance(m, FusedConv)]
+    fused = fused_convolutions(stages)
     # Nine blocks: two relus and one sum each, and nothing in the plain eval stages.
     relus = names.count("relu_") + sum(m.relu for m in fused)
     assert relus == 2 * 9 + 1 and names.count("add_") + sum(m.add for m in fused) == 9

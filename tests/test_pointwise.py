@@ -19,7 +19,12 @@ import earlyexit
 import earlyexit.fx._pointwise
 from earlyexit.fx._fold import fold_batchnorm
 from earlyexit.fx._inplace import rewrite_inplace
-from earlyexit.fx._pointwise import FusedConv, fuse_pointwise, fused_op_available
+from earlyexit.fx._pointwise import (
+    FusedConv,
+    fuse_pointwise,
+    fused_convolutions,
+    fused_op_available,
+)
 
 from toy_models import randomize_norms
 
@@ -35,9 +40,7 @@ def fuse_small_outputs(monkeypatch):
 
 
 def _fused(gm: fx.GraphModule) -> list[FusedConv]:
-    """The `FusedConv` modules the graph calls, in order."""
-    called = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"]
-    return [m for m in called if isinstance(m, FusedConv)]
+    return fused_convolutions([gm])
 
 
 class Block(nn.Module):
@@ -221,7 +224,7 @@ def test_inference_stages_of_converted_nets_fuse_and_keep_the_eval_values(make):
     randomize_norms(model)
     size = (3, 32, 32) if isinstance(model, earlyexit.models.CifarResNet) else (3, 64, 64)
     net = earlyexit.convert(model, n_exits=2, input_size=size).eval()
-    fused = [m for s in net.staged.inference_stages() for m in _fused(s)]
+    fused = fused_convolutions(net.staged.inference_stages())
     assert fused  # every family here has conv → bn → relu somewhere
     x = torch.randn(2, *size)
     with torch.inference_mode():
@@ -238,7 +241,7 @@ def test_inference_stages_of_converted_nets_fuse_and_keep_the_eval_values(make):
 
 def test_the_resnet_blocks_fuse_both_convolutions():
     net = earlyexit.convert(timm.create_model("resnet20", num_classes=10), n_exits=2).eval()
-    fused = [m for s in net.staged.inference_stages() for m in _fused(s)]
+    fused = fused_convolutions(net.staged.inference_stages())
     # The stem's conv + relu, then per block conv1 + relu and conv2 + sum + relu.
     assert sum(not m.add for m in fused) == 1 + 9
     assert sum(m.add and m.relu for m in fused) == 9

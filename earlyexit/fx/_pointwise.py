@@ -35,18 +35,21 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from earlyexit.fx._fold import FoldedConvBN, copy_stage, free_name
+from earlyexit.fx._fold import (
+    _GLOBAL_HOOKS,
+    _GLOBAL_PRE_HOOKS,
+    FoldedConvBN,
+    copy_stage,
+    free_name,
+)
 from earlyexit.fx._ops import has_effect
 
-__all__ = ["FusedConv", "fuse_pointwise", "fused_op_available"]
+__all__ = ["FusedConv", "fuse_pointwise", "fused_convolutions", "fused_op_available"]
 
 #: The smallest output, in elements, that the fused op runs for (4 MiB of float32). Smaller
 #: activations come back from the allocator's free lists without page faults, and there the
 #: fused op measured no faster than the ops one by one (at batch 1, slower).
 MIN_FUSED_ELEMENTS = 1 << 20
-
-_GLOBAL_PRE_HOOKS = nn.modules.module._global_forward_pre_hooks
-_GLOBAL_HOOKS = nn.modules.module._global_forward_hooks
 
 # Sums whose result is a new tensor (not `add_` or `+=` on a tensor: they keep its dtype).
 _ADD = frozenset({operator.add, torch.add, "add"})
@@ -54,14 +57,17 @@ _RELU_FUNCTIONS = frozenset({F.relu, torch.relu, torch.relu_})
 _RELU_METHODS = frozenset({"relu", "relu_"})
 
 
+# Whether this build has the ops at all: it cannot change while the process runs.
+_OPS_BUILT = (
+    torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
+)
+
+
 def fused_op_available() -> bool:
     """Whether this PyTorch build has oneDNN's fused convolution ops (and oneDNN is on)."""
-    return (
-        torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
-        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-        and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
-    )
+    return _OPS_BUILT and torch.backends.mkldnn.enabled
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -376,6 +382,13 @@ class _Fuser:
             graph.erase_node(conv_node)
             count += 1
         return count
+
+
+def fused_convolutions(stages: list[fx.GraphModule]) -> list[FusedConv]:
+    """The `FusedConv` modules the stages' graphs call, in order."""
+    called = [s.get_submodule(n.target) for s in stages for n in s.graph.nodes
+              if n.op == "call_module"]  # fmt: skip
+    return [m for m in called if isinstance(m, FusedConv)]
 
 
 def fuse_pointwise(stage: fx.GraphModule) -> fx.GraphModule:
