@@ -259,9 +259,11 @@ class EarlyExitNet(nn.Module):
         """The N+1 stages for a mode (the current one by default); compiled after `compile()`."""
         return self.staged.stages(self.training if training is None else training)
 
-    def _inference_stages(self) -> list[nn.Module]:
-        """The stages early-exit inference runs: in eval mode, those that work in place."""
-        return self.stages() if self.training else self.staged.inference_stages()
+    def _inference_stages(self, chained: bool = False) -> list[nn.Module]:
+        """The stages early-exit inference runs: in eval mode, those that work in place
+        (`chained`: from stage 1 on, also into their input, see `StagedGraph.inference_stages`).
+        """
+        return self.stages() if self.training else self.staged.inference_stages(chained)
 
     def compile(self, **kwargs: Any) -> EarlyExitNet:  # type: ignore[override]
         """Compile each stage and head with `torch.compile` (keyword arguments pass through).
@@ -317,7 +319,7 @@ class EarlyExitNet(nn.Module):
         """
         t = self.threshold if threshold is None else check_threshold(threshold)
         check_inputs(x, self.input_size, next(self.parameters(), None))
-        stages, heads = self._inference_stages(), self._exit_heads()
+        stages, heads = self._inference_stages(chained=True), self._exit_heads()
         micro = self.resolve_micro_batch(x)
         # Micro-batches only where every module is in eval mode: a train-mode batch norm
         # normalises by its batch (and updates its statistics once per call).

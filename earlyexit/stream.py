@@ -178,9 +178,8 @@ def _predict_shard(
                     micro = net.resolve_micro_batch(x) if device.type == "cpu" else None
                     size = size if micro is None else min(size, micro)
                     graphs = _graphs_for(net, cuda_graphs, size)
-                    pipeline = Pipeline(
-                        net._inference_stages(), net._exit_heads(), threshold, size, graphs
-                    )
+                    stages = net._inference_stages(chained=True)
+                    pipeline = Pipeline(stages, net._exit_heads(), threshold, size, graphs)
                 # DistributedSampler's order: sample j of the stream goes to rank j % world.
                 mine = slice((rank - total) % world, None, world)
                 total += x.shape[0]

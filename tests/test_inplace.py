@@ -2,7 +2,8 @@
 
 The invariant is that they give the eval stages' results bit for bit, with autograd on or off,
 and never write into anything they do not own: their input, a parameter, a view, a tensor that
-is read again later.
+is read again later. Chained stages (`rewrite_chain`) own their input from the second stage
+on, where the stage before returns a tensor it made, and nowhere else.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import torch
 from torch import fx, nn
 
 import earlyexit
-from earlyexit.fx._inplace import add_, relu_, rewrite_inplace
-from earlyexit.fx._pointwise import fused_convolutions
+from earlyexit.fx._inplace import add_, relu_, rewrite_chain, rewrite_inplace
+from earlyexit.fx._pointwise import FusedConv, fused_convolutions, fused_op_available
 
 from toy_models import randomize_norms
 
@@ -248,3 +249,82 @@ def test_operator_targets_are_rewritten_only_from_known_producers():
     x = torch.randn(3)
     with torch.inference_mode():
         assert torch.equal(fast(x), x + x + 1.0)
+
+
+def _stage(fn) -> fx.GraphModule:
+    """A one-input stage traced from a function."""
+    return fx.symbolic_trace(fn)
+
+
+def _reads_input_in_place(gm: fx.GraphModule) -> int:
+    """How many ops of a rewritten stage write into its input."""
+    count = 0
+    for node in gm.graph.nodes:
+        module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if isinstance(module, FusedConv) and module.into_other:
+            count += node.args[1].op == "placeholder"
+        elif node.op == "call_function" and node.target in (add_, relu_):
+            count += node.args[0].op == "placeholder"
+    return count
+
+
+def test_chained_stages_own_their_input_only_after_a_stage_that_made_its_output():
+    made = _stage(lambda x: x * 2.0)  # a new tensor
+    passes = _stage(lambda x: x)  # its input: at the head of the chain, the caller's
+    view = _stage(lambda x: x[:, :2])  # a view of its input
+    relu = _stage(lambda x: torch.relu(x))
+    # The first stage never owns its input, however it is chained.
+    first = rewrite_chain([relu, relu])
+    assert _reads_input_in_place(first[0]) == 0 and _reads_input_in_place(first[1]) == 1
+    assert [_reads_input_in_place(s) for s in rewrite_chain([made, relu])] == [0, 1]
+    assert [_reads_input_in_place(s) for s in rewrite_chain([passes, relu])] == [0, 0]
+    assert [_reads_input_in_place(s) for s in rewrite_chain([made, view, relu])] == [0, 0, 0]
+    # A stage that owns its input and returns it passes the ownership on.
+    chain = rewrite_chain([made, relu, relu])
+    assert [_reads_input_in_place(s) for s in chain] == [0, 1, 1]
+    x = torch.randn(2, 4)
+    before = x.clone()
+    with torch.inference_mode():
+        h = x
+        for stage in chain:
+            h = stage(h)
+    assert torch.equal(h, torch.relu(before * 2.0)) and torch.equal(x, before)
+
+
+@pytest.mark.parametrize("name", _ZOO)
+def test_chained_inference_stages_equal_the_others_bit_for_bit(name):
+    _, net = _net(name)
+    x = torch.randn(3, *net.input_size)
+    before = x.clone()
+    alone, chained = net.staged.inference_stages(), net.staged.inference_stages(chained=True)
+    assert _reads_input_in_place(chained[0]) == 0
+    with torch.inference_mode():
+        h = g = x
+        for a, c in zip(alone, chained, strict=True):
+            g, h = a(g), c(h.clone())  # a copy: the chained stage may write into its input
+            assert torch.equal(h, g)
+        result = net.early_exit(x, threshold=2.0)
+    assert torch.equal(x, before)
+    assert torch.equal(result.logits, g)
+
+
+def test_chained_resnet_stages_write_their_first_sum_into_their_input(monkeypatch):
+    monkeypatch.setattr(earlyexit.fx._pointwise, "MIN_FUSED_ELEMENTS", 0)  # small tensors too
+    net = earlyexit.convert(timm.create_model("resnet20", num_classes=10), n_exits=2).eval()
+    alone, chained = net.staged.inference_stages(), net.staged.inference_stages(chained=True)
+    assert [_reads_input_in_place(s) for s in alone] == [0, 0, 0]
+    # Stage 1 begins with a block whose shortcut is its input, and sums into it with the
+    # convolution (the other sums write into the convolutions' own outputs); stage 2 begins
+    # with a downsampling block, whose shortcut is a padded copy of its input.
+    assert [_reads_input_in_place(s) for s in chained] == [0, 1, 0]
+    x = torch.randn(4, *net.input_size)
+    with torch.inference_mode():
+        h = chained[0](x)
+        kept = h.clone()
+        out = chained[1](h)
+        assert torch.equal(out, alone[1](kept))
+    if fused_op_available():
+        assert out.data_ptr() == h.data_ptr()  # written into the input, which it owns
+    net.fold_batchnorm = False  # then the sum writes into the convolution's output
+    chained = net.staged.inference_stages(chained=True)
+    assert [_reads_input_in_place(s) for s in chained] == [0, 0, 0]

@@ -28,7 +28,7 @@ def _stage_batches(spread_net: earlyexit.EarlyExitNet) -> tuple[list[list[int]],
     def record(i):
         return lambda module, args: runs[i].append(args[0].shape[0])
 
-    stages = spread_net.staged.inference_stages()
+    stages = spread_net.staged.inference_stages(chained=True)  # those early exit runs
     return runs, [s.register_forward_pre_hook(record(i)) for i, s in enumerate(stages)]
 
 
@@ -123,7 +123,7 @@ def test_whole_batches_off_the_cpu_when_asked_and_in_train_mode(
     other.eval()
     next(m for m in other.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)).train()
     runs.clear()
-    stage = other.staged.inference_stages()[0]
+    stage = other.staged.inference_stages(chained=True)[0]
     stage.register_forward_pre_hook(lambda m, args: runs.append(args[0].shape[0]))
     other.early_exit(spread_pool[:12])
     assert runs == [12]

@@ -145,7 +145,8 @@ def test_stages_run_full_batches_and_queues_stay_bounded(
         return hook
 
     hooks = [
-        s.register_forward_pre_hook(record(i)) for i, s in enumerate(net.staged.inference_stages())
+        s.register_forward_pre_hook(record(i))
+        for i, s in enumerate(net.staged.inference_stages(chained=True))
     ]
     try:
         x = pool.repeat(3, 1, 1, 1)  # a longer stream: 120 samples

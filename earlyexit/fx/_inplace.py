@@ -18,14 +18,17 @@ An operand may be overwritten only where the stage owns it: it was made inside t
 op known to return a new tensor (a convolution, a norm, arithmetic, ...), possibly passed
 through ops that return their input (an in-place activation, `Identity`, eval-mode dropout),
 and everything else that reads it has run already and made a new tensor of its own. The
-stage's input, parameters, buffers, views and anything of unknown provenance are never
-written.
+stage's parameters, buffers, views and anything of unknown provenance are never written, nor
+is its input, unless the caller hands it over (`owns_input`): `rewrite_chain` does so for
+stages that run one after another, each on a tensor the one before made, so that the sum
+that ends the first residual block of a stage is written into its shortcut, the stage's
+input, as it is where the same block runs inside one stage.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +37,7 @@ from torch import fx, nn
 from earlyexit.fx._fold import FoldedConvBN, copy_stage, free_name
 from earlyexit.fx._pointwise import FusedConv
 
-__all__ = ["rewrite_inplace"]
+__all__ = ["rewrite_chain", "rewrite_inplace"]
 
 # Modules whose output is a new tensor, never their input or a view of it.
 _FRESH_MODULES: tuple[type[nn.Module], ...] = (
@@ -254,8 +257,17 @@ class _Rewriter:
                 self.classify(node)
         return count
 
+    def returns_own(self) -> bool:
+        """Whether the stage returns a tensor of its own: one it made, or its input where it
+        owns that, possibly passed on by ops that return their input (after `run`)."""
+        output = next(n for n in reversed(self.gm.graph.nodes) if n.op == "output")
+        node = output.args[0] if output.args else None
+        while isinstance(node, fx.Node) and node in self.passes:
+            node = node.args[0] if node.args else None
+        return isinstance(node, fx.Node) and node in self.fresh
 
-def rewrite_inplace(stage: fx.GraphModule) -> fx.GraphModule:
+
+def rewrite_inplace(stage: fx.GraphModule, *, owns_input: bool = False) -> fx.GraphModule:
     """A copy of an eval-mode stage whose ops write into temporaries it owns, autograd off.
 
     The copy shares the stage's modules, parameters and buffers; only its graph differs. With
@@ -263,11 +275,39 @@ def rewrite_inplace(stage: fx.GraphModule) -> fx.GraphModule:
 
     Args:
         stage: an eval-mode stage.
+        owns_input: whether the caller hands the stage its input: it reads it no more once
+            the stage has run, and nothing else holds it. The stage may then write into its
+            input as into a temporary of its own.
 
     Returns:
         The rewritten stage (a new `GraphModule`, also when nothing could be rewritten).
     """
+    return _rewrite(stage, owns_input)[0]
+
+
+def rewrite_chain(stages: Sequence[fx.GraphModule]) -> list[fx.GraphModule]:
+    """`rewrite_inplace` for eval-mode stages that run one after another, each on the output
+    of the one before (or on a copy of some of its rows), which the caller reads no more once
+    the stage has run.
+
+    From the second stage on, a stage owns its input wherever the stage before returns a
+    tensor of its own (see `rewrite_inplace`'s `owns_input`); the first stage never does,
+    and neither does one after a stage that may return its input, a view, a parameter or
+    anything else it did not make.
+    """
+    chain, owned = [], False
+    for stage in stages:
+        gm, owned = _rewrite(stage, owned)
+        chain.append(gm)
+    return chain
+
+
+def _rewrite(stage: fx.GraphModule, owns_input: bool) -> tuple[fx.GraphModule, bool]:
+    """The rewritten copy, and whether it returns a tensor of its own."""
     gm = copy_stage(stage)
-    if _Rewriter(gm).run():
+    rewriter = _Rewriter(gm)
+    if owns_input:
+        rewriter.fresh.update(n for n in gm.graph.nodes if n.op == "placeholder")
+    if rewriter.run():
         gm.recompile()
-    return gm
+    return gm, rewriter.returns_own()

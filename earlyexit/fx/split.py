@@ -18,7 +18,7 @@ from torch import fx, nn
 from earlyexit.errors import TraceError
 from earlyexit.fx._fold import fold_batchnorm as fold_stage
 from earlyexit.fx._fold import folded_pairs
-from earlyexit.fx._inplace import rewrite_inplace
+from earlyexit.fx._inplace import rewrite_chain, rewrite_inplace
 from earlyexit.fx._ops import has_effect, is_size_source
 from earlyexit.fx._pointwise import fuse_pointwise
 from earlyexit.fx.analysis import CutPoint, GraphAnalysis, ModelAnalysis
@@ -68,6 +68,7 @@ class StagedGraph(nn.Module):
         self._stages = {mode: tuple(chain) for mode, chain in stages.items()}
         self._compiled: dict[bool, tuple[nn.Module, ...]] | None = None
         self._inference: tuple[nn.Module, ...] | None = None
+        self._chained: tuple[nn.Module, ...] | None = None
         self._fold = True
 
     @property
@@ -81,7 +82,7 @@ class StagedGraph(nn.Module):
         if not isinstance(value, bool):
             raise TypeError(f"Expected `fold_batchnorm` to be a bool, got {value!r}.")
         if value != self._fold:
-            self._fold, self._inference = value, None
+            self._fold, self._inference, self._chained = value, None, None
 
     @property
     def names(self) -> list[str]:
@@ -93,7 +94,7 @@ class StagedGraph(nn.Module):
         mode = self.training if training is None else bool(training)
         return list((self._compiled or self._stages)[mode])
 
-    def inference_stages(self) -> list[nn.Module]:
+    def inference_stages(self, chained: bool = False) -> list[nn.Module]:
         """The eval-mode stages for inference: norms folded, ReLUs and sums fused, in place.
 
         Where autograd is off, each conv → batch norm pair runs as one convolution with the
@@ -106,15 +107,26 @@ class StagedGraph(nn.Module):
         memory (see `earlyexit.fx._inplace`). The results are those of `stages(False)` up to
         float rounding; with autograd on they compute as those do. Compiled stages are
         returned as they are after `compile()`.
+
+        Args:
+            chained: stages for a caller that runs them one after another, each on the output
+                of the one before or on a copy of some of its rows, and does not read a
+                stage's input again once the stage has run (early-exit inference does so).
+                From stage 1 on, a stage may then also overwrite its input, where the stage
+                before returns a tensor of its own: the first residual block of a stage
+                writes its sum into its shortcut, as the blocks after it do. Stage 0 never
+                writes into its input. With False (the default), no stage does: each can run
+                alone, on any input, any number of times.
         """
         if self._compiled is not None:
             return list(self._compiled[False])
-        if self._inference is None:
+        if self._inference is None or self._chained is None:
             chain = self._stages[False]
             if self._fold:  # and fuse: both round (or may) as the eval stages do not
                 chain = tuple(fuse_pointwise(fold_stage(s)) for s in chain)
             self._inference = tuple(rewrite_inplace(s) for s in chain)
-        return list(self._inference)
+            self._chained = tuple(rewrite_chain(chain))
+        return list(self._chained if chained else self._inference)
 
     def compile(self, **kwargs: Any) -> StagedGraph:  # type: ignore[override]
         """Compile every stage of both modes with `torch.compile` (keyword arguments pass on).
@@ -134,7 +146,7 @@ class StagedGraph(nn.Module):
         is then seen, even where no version counter says so.
         """
         super().train(mode)
-        for pair in folded_pairs(self._inference or ()):
+        for pair in folded_pairs(self._inference or ()):  # the chained stages share them
             pair.invalidate()
         return self
 
@@ -146,7 +158,8 @@ class StagedGraph(nn.Module):
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
         super()._apply(fn, recurse)
-        self._inference = None  # their copies of the stages' tensors would be stale
+        # Their copies of the stages' tensors would be stale.
+        self._inference = self._chained = None
         # The model's layers are the owner's to move; the stages' own tensors live on each
         # stage and on the empty modules that `fx.GraphModule` makes to hold their paths.
         for chain in self._stages.values():
