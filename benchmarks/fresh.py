@@ -37,6 +37,7 @@ leaving after them saves less time than MACs. `--json` writes the per-process re
     python benchmarks/fresh.py --batch-size 16 --samples 256 --methods original_folded \
         early_exit no_exit predict predict_no_exit
     python benchmarks/fresh.py --methods no_exit early_exit --runs 3 --unfused   # the A/B
+    python benchmarks/fresh.py --methods no_exit early_exit --runs 3 --unchained  # another
 """
 
 from __future__ import annotations
@@ -89,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="without the ReLUs and sums done by the convolutions (earlyexit.fx._pointwise), "
         "in the net and in the rewritten original: the earlier release, for an A/B",
     )
+    p.add_argument(
+        "--unchained",
+        action="store_true",
+        help="every stage of the net leaves its input alone (inference_stages(), not "
+        "inference_stages(chained=True)): the earlier release, for an A/B",
+    )
     p.add_argument("--json", help="write the per-process results here")
     p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     return p
@@ -112,6 +119,9 @@ def child(args: argparse.Namespace) -> dict:
 
         split.fuse_pointwise = _pointwise.fuse_pointwise = unchanged
     net = speed.create_net(speed_args(args), torch.device("cpu"))
+    if args.unchained:
+        alone = net.staged.inference_stages
+        net.staged.inference_stages = lambda chained=False: alone()
     layout = torch.contiguous_format if args.no_channels_last else torch.channels_last
     samples = args.samples or args.batch_size
     x = torch.randn(samples, *net.input_size, generator=torch.Generator().manual_seed(0))
@@ -165,6 +175,7 @@ def child(args: argparse.Namespace) -> dict:
         "exit_histogram": histogram,
         "time_ideal_ms": ideal,
         "fused_convolutions": _fused_convolutions(net),
+        "stages_taking_their_input": _stages_taking_their_input(net),
     }
 
 
@@ -173,6 +184,13 @@ def _fused_convolutions(net: earlyexit.EarlyExitNet) -> int:
     from earlyexit.fx._pointwise import fused_convolutions
 
     return len(fused_convolutions(net.staged.inference_stages()))
+
+
+def _stages_taking_their_input(net: earlyexit.EarlyExitNet) -> int:
+    """How many of the stages early exit runs may write into their input (see `--unchained`):
+    those that differ from the stages that leave it alone."""
+    alone, run = net.staged.inference_stages(), net._inference_stages(chained=True)
+    return sum(a.code != r.code for a, r in zip(alone, run, strict=True))
 
 
 TIME_IDEAL_METHODS = ("early_exit", "early_exit_micro", "predict")

@@ -33,7 +33,8 @@ CUDA graph at the row's batch size. A model torch.fx cannot trace stays unfolded
   the exit each left at in that method's run: the speed-up if time followed MACs.
 - **time ideal** = t_baseline ÷ Σ_i r_i (s_i + h_i), where s_i and h_i are the times per sample
   of stage i and exit head i (h_N = 0) run alone on a full batch of the row's size, with no
-  exits (CUDA graphs on CUDA, as the baseline), and r_i the share of samples that reach stage i:
+  exits (CUDA graphs on CUDA, as the baseline; the stages that leave their input alone, as
+  each runs many times on one input), and r_i the share of samples that reach stage i:
   the speed-up if every stage ran at full batch and compaction were free.
 - **no-exit overhead** = t_method with nobody leaving (T above 1) ÷ t_baseline.
 - **setup s**: the one-off CUDA graph capture, not part of the times.
@@ -543,6 +544,7 @@ def full_batch_pieces(
     `repeats` times (as many as the stream has batches), eagerly or as a CUDA graph; with
     `micro`, on micro-batches of that size, as CPU inference runs them.
     """
+    # The stages that leave their input alone: each piece runs many times on one input.
     stages, heads = net._inference_stages(), net._exit_heads()
     calls: dict[str, Callable[[], object]] = {}
 

@@ -412,6 +412,51 @@ def test_fresh_unfused_runs_the_stages_without_the_fused_convolutions(script, tm
     assert counts == [19, 0]
 
 
+def test_fresh_unchained_runs_stages_that_leave_their_input_alone(script, tmp_path):
+    fresh = script("fresh")
+    argv = ["--model", "resnet20", "--n-exits", "2", "--batch-size", "4", "--threads", "1"]
+    argv += ["--runs", "1", "--calls", "1", "--methods", "no_exit"]
+    counts = []
+    for extra in ([], ["--unchained"]):
+        saved = tmp_path / f"fresh{len(extra)}.json"
+        assert fresh.main([*argv, *extra, "--json", str(saved)]) == 0
+        (run,) = json.loads(saved.read_text())["runs"]
+        counts.append(run["stages_taking_their_input"])
+    # Stage 1 begins with a block whose shortcut is its input; stage 2 with a downsampling one.
+    assert counts == [1, 0]
+
+
+def test_overhead_splits_the_no_exit_pass_into_its_parts(script, tmp_path, capsys):
+    overhead = script("overhead")
+    saved = tmp_path / "overhead.json"
+    argv = ["--model", "resnet20", "--n-exits", "2", "--batch-size", "4", "--threads", "1"]
+    assert overhead.main([*argv, "--rounds", "2", "--json", str(saved)]) == 0
+    printed = capsys.readouterr().out
+    for method in (*overhead.METHODS, "heads_alone"):
+        assert method in printed
+    result = json.loads(saved.read_text())
+    assert set(result["ms_per_sample"]) == {*overhead.METHODS, "heads_alone"}
+    assert all(v > 0 for v in result["ms_per_sample"].values())
+    assert all(len(t) == 2 for t in result["seconds_per_round"].values())
+
+
+def test_overhead_pieces_compute_what_early_exit_computes(script):
+    overhead = script("overhead")
+    speed_args = ["--model", "resnet20", "--n-exits", "2"]
+    net = overhead.speed.create_net(
+        overhead.speed.build_parser().parse_args(speed_args), torch.device("cpu")
+    )
+    x = torch.randn(3, *net.input_size)
+    before = x.clone()
+    with torch.inference_mode():
+        calls = overhead.pieces(net, x)
+        expected = net.early_exit(x, threshold=overhead.NEVER).logits
+        for method in ("stages_alone", "stages", "stages_heads"):
+            assert torch.equal(calls[method](), expected), method
+        torch.testing.assert_close(calls["original"](), expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(x, before)  # no piece writes into the input
+
+
 def test_fresh_time_ideal_weighs_each_stage_by_the_samples_that_reach_it(script, monkeypatch):
     fresh = script("fresh")
     net = earlyexit.convert(timm.create_model("resnet20"), n_exits=2, dist="linear")
