@@ -299,7 +299,7 @@ def test_cuda_graphs_name_the_stage_that_cannot_be_captured(monkeypatch):
     net, x = _net("toy", n_exits=2)
     stages = net.staged.inference_stages()
     stages[1] = _Syncing(stages[1])
-    monkeypatch.setattr(net.staged, "inference_stages", lambda: stages)
+    monkeypatch.setattr(net.staged, "inference_stages", lambda chained=False: stages)
     with pytest.raises(CudaGraphError, match=r"Stage 1 with exit head 1 \(at `.+`\).*Hint"):
         earlyexit.capture_cuda_graphs(net, 8)
     # The caller's stream is back, and the device still works.
