@@ -79,16 +79,16 @@ def certainty(class_logits: torch.Tensor) -> torch.Tensor:
     """`(B, 3)`: the top class's log-probability log p, the margin between the two top logits,
     and logit p = log p − log(1 − p), clamped to ±30.
 
-    Computed on detached logits, in float32 (1 − p from the other classes' logits, exact near
-    p = 1): inputs of a `conv` head's confidence branch.
+    Computed on detached logits, in float32: inputs of a `conv` head's confidence branch. With
+    r = Σ over the other classes of exp(z_j − z_top), p = 1 / (1 + r), so log p = −log1p(r)
+    and logit p = −log r, both exact near p = 1 (r is summed from the other classes' own terms).
     """
     z = class_logits.detach().float()
     top, index = z.topk(min(2, z.shape[1]), dim=1)
-    total = torch.logsumexp(z, dim=1)
-    log_p = top[:, 0] - total
+    rest = (z - top[:, :1]).exp().scatter(1, index[:, :1], 0.0).sum(dim=1)
+    log_p = -torch.log1p(rest)
     margin = top[:, 0] - top[:, -1]
-    others = torch.logsumexp(z.scatter(1, index[:, :1], float("-inf")), dim=1) - total
-    logit_p = (log_p - others).clamp(-_MAX_LOGIT, _MAX_LOGIT)
+    logit_p = (-rest.log()).clamp(-_MAX_LOGIT, _MAX_LOGIT)
     return torch.stack((log_p, margin, logit_p), dim=1).to(class_logits.dtype)
 
 

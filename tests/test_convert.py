@@ -207,6 +207,7 @@ def test_conv_confidence_starts_as_max_softmax_at_the_default_precision():
         logit_p.double(), torch.logit(p).clamp(-30, 30), rtol=1e-4, atol=1e-4
     )
     assert logit_p[0].item() == pytest.approx(25 - math.log(9), rel=1e-5)
+    assert log_p[0].item() == pytest.approx(-9 * math.exp(-25), rel=1e-5)  # not 0
     top2 = logits.topk(2, dim=1).values
     torch.testing.assert_close(margin, top2[:, 0] - top2[:, 1])
     # One class: p = 1, logit p clamped rather than inf.
