@@ -38,9 +38,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed
+from fresh import NEVER  # a threshold above 1: nobody leaves early
 
 METHODS = ("original", "stages_alone", "stages", "stages_heads", "no_exit")
-NEVER = 2.0  # a threshold above 1: nobody leaves early
 
 
 def build_parser() -> argparse.ArgumentParser:
