@@ -397,33 +397,27 @@ def test_fresh_times_each_method_in_a_process_of_its_own(script, tmp_path, capsy
     assert "time ideal of early_exit" in printed and "time ideal of predict" in printed
 
 
-def test_fresh_unfused_runs_the_stages_without_the_fused_convolutions(script, tmp_path):
+# The stem's convolution and two per block of nine are fused (the graph's; whether oneDNN runs
+# them fused is decided when they run). Stage 1 begins with a block whose shortcut is its
+# input, stage 2 with a downsampling one: one stage takes over its input.
+@pytest.mark.parametrize(
+    "switch, field, expected",
+    [
+        ("--unfused", "fused_convolutions", [19, 0]),
+        ("--unchained", "stages_taking_their_input", [1, 0]),
+    ],
+)
+def test_fresh_a_b_switches_turn_their_rewrite_off(script, tmp_path, switch, field, expected):
     fresh = script("fresh")
     argv = ["--model", "resnet20", "--n-exits", "2", "--batch-size", "4", "--threads", "1"]
     argv += ["--runs", "1", "--calls", "1", "--methods", "no_exit"]
     counts = []
-    for extra in ([], ["--unfused"]):
+    for extra in ([], [switch]):
         saved = tmp_path / f"fresh{len(extra)}.json"
         assert fresh.main([*argv, *extra, "--json", str(saved)]) == 0
         (run,) = json.loads(saved.read_text())["runs"]
-        counts.append(run["fused_convolutions"])
-    # The stem's convolution and two per block of nine (the graph's; whether oneDNN runs them
-    # fused is decided when they run), and none with --unfused.
-    assert counts == [19, 0]
-
-
-def test_fresh_unchained_runs_stages_that_leave_their_input_alone(script, tmp_path):
-    fresh = script("fresh")
-    argv = ["--model", "resnet20", "--n-exits", "2", "--batch-size", "4", "--threads", "1"]
-    argv += ["--runs", "1", "--calls", "1", "--methods", "no_exit"]
-    counts = []
-    for extra in ([], ["--unchained"]):
-        saved = tmp_path / f"fresh{len(extra)}.json"
-        assert fresh.main([*argv, *extra, "--json", str(saved)]) == 0
-        (run,) = json.loads(saved.read_text())["runs"]
-        counts.append(run["stages_taking_their_input"])
-    # Stage 1 begins with a block whose shortcut is its input; stage 2 with a downsampling one.
-    assert counts == [1, 0]
+        counts.append(run[field])
+    assert counts == expected
 
 
 def test_overhead_splits_the_no_exit_pass_into_its_parts(script, tmp_path, capsys):
