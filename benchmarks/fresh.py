@@ -38,6 +38,7 @@ leaving after them saves less time than MACs. `--json` writes the per-process re
         early_exit no_exit predict predict_no_exit
     python benchmarks/fresh.py --methods no_exit early_exit --runs 3 --unfused   # the A/B
     python benchmarks/fresh.py --methods no_exit early_exit --runs 3 --unchained  # another
+    python benchmarks/fresh.py --methods no_exit early_exit --runs 3 --no-workspace  # a third
 """
 
 from __future__ import annotations
@@ -96,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="every stage of the net leaves its input alone (inference_stages(), not "
         "inference_stages(chained=True)): the earlier release, for an A/B",
     )
+    p.add_argument(
+        "--no-workspace",
+        action="store_true",
+        help="every convolution temporary in fresh memory (no earlyexit.fx._workspace), in "
+        "the net and in the rewritten original: the earlier release, for an A/B",
+    )
     p.add_argument("--json", help="write the per-process results here")
     p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     return p
@@ -118,6 +125,10 @@ def child(args: argparse.Namespace) -> dict:
             return stage
 
         split.fuse_pointwise = _pointwise.fuse_pointwise = unchanged
+    if args.no_workspace:
+        from earlyexit.fx import _inplace
+
+        _inplace.assign_workspaces = lambda gm: 0
     net = speed.create_net(speed_args(args), torch.device("cpu"))
     if args.unchained:
         alone = net.staged.inference_stages
@@ -176,6 +187,7 @@ def child(args: argparse.Namespace) -> dict:
         "time_ideal_ms": ideal,
         "fused_convolutions": _fused_convolutions(net),
         "stages_taking_their_input": _stages_taking_their_input(net),
+        "workspace_convolutions": _workspace_convolutions(net),
     }
 
 
@@ -191,6 +203,16 @@ def _stages_taking_their_input(net: earlyexit.EarlyExitNet) -> int:
     those that differ from the stages that leave it alone."""
     alone, run = net.staged.inference_stages(), net._inference_stages(chained=True)
     return sum(a.code != r.code for a, r in zip(alone, run, strict=True))
+
+
+def _workspace_convolutions(net: earlyexit.EarlyExitNet) -> int:
+    """How many convolutions of the net's inference stages write into a per-call workspace
+    (see `--no-workspace`)."""
+    from earlyexit.fx._pointwise import FusedConv
+
+    stages = net.staged.inference_stages()
+    modules = [m for s in stages for m in s.modules()]
+    return sum(isinstance(m, FusedConv) and m.slot is not None for m in modules)
 
 
 TIME_IDEAL_METHODS = ("early_exit", "early_exit_micro", "predict")

@@ -399,12 +399,14 @@ def test_fresh_times_each_method_in_a_process_of_its_own(script, tmp_path, capsy
 
 # The stem's convolution and two per block of nine are fused (the graph's; whether oneDNN runs
 # them fused is decided when they run). Stage 1 begins with a block whose shortcut is its
-# input, stage 2 with a downsampling one: one stage takes over its input.
+# input, stage 2 with a downsampling one: one stage takes over its input. The first
+# convolution of each of the nine blocks writes into a workspace slot.
 @pytest.mark.parametrize(
     "switch, field, expected",
     [
         ("--unfused", "fused_convolutions", [19, 0]),
         ("--unchained", "stages_taking_their_input", [1, 0]),
+        ("--no-workspace", "workspace_convolutions", [9, 0]),
     ],
 )
 def test_fresh_a_b_switches_turn_their_rewrite_off(script, tmp_path, switch, field, expected):

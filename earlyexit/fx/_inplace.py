@@ -23,6 +23,9 @@ is its input, unless the caller hands it over (`owns_input`): `rewrite_chain` do
 stages that run one after another, each on a tensor the one before made, so that the sum
 that ends the first residual block of a stage is written into its shortcut, the stage's
 input, as it is where the same block runs inside one stage.
+
+Both also let the temporaries that only convolutions read share a per-call workspace
+(`earlyexit.fx._workspace`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from torch import fx, nn
 
 from earlyexit.fx._fold import FoldedConvBN, copy_stage, free_name
 from earlyexit.fx._pointwise import FusedConv
+from earlyexit.fx._workspace import assign_workspaces
 
 __all__ = ["rewrite_chain", "rewrite_inplace"]
 
@@ -271,7 +275,9 @@ def rewrite_inplace(stage: fx.GraphModule, *, owns_input: bool = False) -> fx.Gr
     """A copy of an eval-mode stage whose ops write into temporaries it owns, autograd off.
 
     The copy shares the stage's modules, parameters and buffers; only its graph differs. With
-    autograd on, every rewritten op computes out of place, as the original does.
+    autograd on, every rewritten op computes out of place, as the original does. Fused
+    ReLU-only convolutions whose output only other convolutions read write into a workspace
+    made per call (`earlyexit.fx._workspace.assign_workspaces`).
 
     Args:
         stage: an eval-mode stage.
@@ -308,6 +314,8 @@ def _rewrite(stage: fx.GraphModule, owns_input: bool) -> tuple[fx.GraphModule, b
     rewriter = _Rewriter(gm)
     if owns_input:
         rewriter.fresh.update(n for n in gm.graph.nodes if n.op == "placeholder")
-    if rewriter.run():
+    rewritten = rewriter.run()
+    returns_own = rewriter.returns_own()
+    if rewritten + assign_workspaces(gm):
         gm.recompile()
-    return gm, rewriter.returns_own()
+    return gm, returns_own

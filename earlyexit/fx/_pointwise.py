@@ -97,6 +97,11 @@ class FusedConv(nn.Module):
             the first (`earlyexit.fx._inplace` sets it where the stage owns that input and
             nothing reads it again). A residual block then allocates one activation instead
             of two: on CPU, fewer fresh pages to fault in.
+        slot: a ReLU-only convolution writes its output into this slot of a `Workspace`,
+            `forward`'s second input, where the fused op runs (`earlyexit.fx._workspace` sets
+            it where only other convolutions read the output, and they have run before the
+            slot is written again). The stage's temporaries then reuse one block of memory
+            instead of a fresh one each.
     """
 
     def __init__(
@@ -107,23 +112,31 @@ class FusedConv(nn.Module):
         relu: bool,
         relu_module: nn.Module | None = None,
         into_other: bool = False,
+        slot: int | None = None,
     ) -> None:
         super().__init__()
         if not (add or relu):
             raise ValueError("Expected a sum, a ReLU or both after the convolution.")
         if into_other and not add:
             raise ValueError("Expected a sum to write into its second input (`into_other`).")
+        if slot is not None and (add or isinstance(slot, bool) or not isinstance(slot, int)):
+            raise ValueError("Expected a workspace `slot` (an int) on a ReLU-only convolution.")
         self.conv = conv
         self.add = bool(add)
         self.relu = bool(relu)
         self.relu_module = relu_module
         self.into_other = bool(into_other)
+        self.slot = slot
 
     def writing_into_other(self) -> FusedConv:
         """The same ops, writing into the second input where they can (`into_other`)."""
         return FusedConv(
             self.conv, add=True, relu=self.relu, relu_module=self.relu_module, into_other=True
         )
+
+    def writing_into_workspace(self, slot: int) -> FusedConv:
+        """The same ops, writing into slot `slot` of the `Workspace` given as second input."""
+        return FusedConv(self.conv, add=False, relu=True, relu_module=self.relu_module, slot=slot)
 
     def _conv2d(self) -> nn.Conv2d:
         return self.conv.conv if isinstance(self.conv, FoldedConvBN) else self.conv
@@ -175,7 +188,10 @@ class FusedConv(nn.Module):
             return False
         return tuple(other.shape) == shape
 
-    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, other: object = None) -> torch.Tensor:
+        workspace = None
+        if self.slot is not None:  # the second input is the stage's workspace, not a sum
+            workspace, other = other, None
         if not self._plain():
             return self._as_written(x, other)
         weights = self._weights() if self._fusable(x, other) else None
@@ -185,6 +201,12 @@ class FusedConv(nn.Module):
         conv = self._conv2d()
         geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
         if not self.add:
+            out = self._slot_buffer(workspace, x, weight)
+            if out is not None:
+                # oneDNN's in-place op adds into its output: zeroed, that is the output itself.
+                return torch.ops.mkldnn._convolution_pointwise_.binary(
+                    out.zero_(), x, weight, bias, *geometry, "add", None, "relu", [], None
+                )
             return torch.ops.mkldnn._convolution_pointwise(
                 x, weight, bias, *geometry, "relu", [], ""
             )
@@ -196,6 +218,19 @@ class FusedConv(nn.Module):
         return torch.ops.mkldnn._convolution_pointwise.binary(
             x, other, weight, bias, *geometry, "add", None, unary, [], None
         )
+
+    def _slot_buffer(
+        self, workspace: object, x: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The workspace's buffer for this output, or None where there is none to write."""
+        if self.slot is None or not hasattr(workspace, "take"):
+            return None
+        channels_last = _output_channels_last(x, weight)
+        if channels_last is None:
+            return None
+        shape = _output_shape(self._conv2d(), x)
+        out = workspace.take(self.slot, shape, channels_last)
+        return out if _writable(out, x, weight) else None
 
     def _separate(self, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
         """The ops one by one, autograd off: the sum and the ReLU write into the new output."""
@@ -220,16 +255,23 @@ def _writable(other: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> boo
     strides the convolution's own output would have, and shares no memory with `x`."""
     if other.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
         return False
-    x_layout, w_layout = _layout(x), _layout(weight)
-    if "channels_last" in (x_layout, w_layout):  # PyTorch's rule: either makes the output so
-        channels_last = True
-    elif x_layout == w_layout == "contiguous":
-        channels_last = False
-    else:
-        return False  # strides that fit both layouts: which one the output gets is not clear
+    channels_last = _output_channels_last(x, weight)
+    if channels_last is None:
+        return False
     _, c, h, w = other.shape
     strides = (h * w * c, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
     return other.stride() == strides
+
+
+def _output_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool | None:
+    """Whether the convolution of `x` by `weight` comes out channels-last (PyTorch's rule:
+    either input makes it so); None where strides fit both layouts and it is not clear."""
+    x_layout, w_layout = _layout(x), _layout(weight)
+    if "channels_last" in (x_layout, w_layout):
+        return True
+    if x_layout == w_layout == "contiguous":
+        return False
+    return None
 
 
 def _layout(t: torch.Tensor) -> str | None:
