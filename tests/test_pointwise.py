@@ -167,6 +167,39 @@ def test_hooks_on_the_fused_modules_still_run():
     assert torch.equal(got, expected)
 
 
+class IdentitiesBetween(nn.Module):
+    """timm's ResNet blocks: `drop_block` and `aa` are `nn.Identity` around the ReLU."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width)
+        self.drop_block, self.act1, self.aa = nn.Identity(), nn.ReLU(inplace=True), nn.Identity()
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width)
+        randomize_norms(self)
+
+    def forward(self, x):
+        y = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        return torch.relu(self.bn2(self.conv2(y)) + x)
+
+
+@needs_onednn
+def test_identities_between_a_convolution_and_its_relu_are_looked_through():
+    model = IdentitiesBetween()
+    plain, fast = _stage(model)
+    first, second = _fused(fast)
+    assert (first.add, first.relu, list(first.between)) == (False, True, [model.drop_block])
+    assert second.add and not second.between
+    x = torch.randn(2, 8, 7, 7)
+    with torch.inference_mode():
+        assert torch.equal(fast(x), plain(x))
+    # A hook on the Identity: the ops run as written, the hook with them.
+    seen = []
+    model.drop_block.register_forward_hook(lambda m, args, out: seen.append(1) or out * 2)
+    with torch.inference_mode():
+        got, expected = fast(x), plain(x)
+    assert torch.equal(got, expected) and len(seen) == 2
+
+
 def test_what_the_fused_op_cannot_express_is_left_alone():
     class Patterns(nn.Module):
         def __init__(self):

@@ -12,8 +12,9 @@ CPU. A block then makes one fresh activation instead of two.
 
 `fuse_pointwise` returns a copy of a stage in which each ungrouped 2-d convolution (or
 folded convolution → batch norm pair, see `earlyexit.fx._fold`) whose output is read only by
-a ReLU, by a sum (`+`, not `add_`), or by a sum read only by a ReLU, with nothing in between
-that may write into a tensor, runs as one `FusedConv`; `earlyexit.fx._inplace`
+a ReLU (also through `nn.Identity` calls), by a sum (`+`, not `add_`), or by a sum read
+only by a ReLU, with nothing in between that may write into a tensor, runs as one
+`FusedConv`; `earlyexit.fx._inplace`
 then lets a fused sum write into its shortcut where the stage owns it and nothing reads it
 again (`FusedConv.into_other`). When it runs, a `FusedConv` checks that the fused op applies:
 autograd off, no autocast, a float32 4-d input on the CPU, oneDNN present and enabled, no
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +94,9 @@ class FusedConv(nn.Module):
         add: whether the convolution's output is summed with `forward`'s second input.
         relu: whether a ReLU follows; `relu_module` is the `nn.ReLU` module it was, if any
             (its hooks are honoured).
+        between: `nn.Identity` modules that stood between the convolution and the ReLU (timm's
+            ResNets keep `drop_block` and `aa` there); they run, hooks and all, where the ops
+            run as written.
         into_other: write the result into the second input, where the fused op runs and the
             second input has the output's shape and memory layout and shares no memory with
             the first (`earlyexit.fx._inplace` sets it where the stage owns that input and
@@ -113,6 +118,7 @@ class FusedConv(nn.Module):
         relu_module: nn.Module | None = None,
         into_other: bool = False,
         slot: int | None = None,
+        between: Sequence[nn.Module] = (),
     ) -> None:
         super().__init__()
         if not (add or relu):
@@ -127,16 +133,29 @@ class FusedConv(nn.Module):
         self.relu_module = relu_module
         self.into_other = bool(into_other)
         self.slot = slot
+        self.between = nn.ModuleList(between)
 
     def writing_into_other(self) -> FusedConv:
         """The same ops, writing into the second input where they can (`into_other`)."""
         return FusedConv(
-            self.conv, add=True, relu=self.relu, relu_module=self.relu_module, into_other=True
+            self.conv,
+            add=True,
+            relu=self.relu,
+            relu_module=self.relu_module,
+            into_other=True,
+            between=self.between,
         )
 
     def writing_into_workspace(self, slot: int) -> FusedConv:
         """The same ops, writing into slot `slot` of the `Workspace` given as second input."""
-        return FusedConv(self.conv, add=False, relu=True, relu_module=self.relu_module, slot=slot)
+        return FusedConv(
+            self.conv,
+            add=False,
+            relu=True,
+            relu_module=self.relu_module,
+            slot=slot,
+            between=self.between,
+        )
 
     def _conv2d(self) -> nn.Conv2d:
         return self.conv.conv if isinstance(self.conv, FoldedConvBN) else self.conv
@@ -160,7 +179,7 @@ class FusedConv(nn.Module):
             modules.append(self.conv.bn)
         if self.relu_module is not None:
             modules.append(self.relu_module)
-        return not any(_hooked(m) for m in modules)
+        return not any(_hooked(m) for m in (*modules, *self.between))
 
     def _fusable(self, x: torch.Tensor, other: torch.Tensor | None) -> bool:
         """Whether the fused op applies to these inputs (autograd already known to be off)."""
@@ -243,6 +262,8 @@ class FusedConv(nn.Module):
     def _as_written(self, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
         """The ops as the stage was written: for autograd and for hooks."""
         y = self.conv(x)
+        for module in self.between:
+            y = module(y)
         if self.add:
             y = y + other
         if not self.relu:
@@ -335,6 +356,16 @@ class _Fuser:
             and _fusable_conv(self.module(node))
         )
 
+    def identity(self, node: object) -> bool:
+        """An `nn.Identity` call whose only reader is the op after it."""
+        return (
+            isinstance(node, fx.Node)
+            and type(self.module(node)) is nn.Identity
+            and len(node.args) == 1
+            and not node.kwargs
+            and len(node.users) == 1
+        )
+
     def relu(self, node: fx.Node) -> tuple[bool, nn.Module | None]:
         """Whether `node` is a ReLU of its one argument, and the `nn.ReLU` module if it is one."""
         if len(node.args) != 1:
@@ -396,12 +427,19 @@ class _Fuser:
                 continue
             is_relu, relu_module = self.relu(node)
             source = node.args[0] if is_relu else None
+            between = []  # Identity calls between the convolution and the ReLU, last first
+            while is_relu and self.identity(source):
+                between.append(source)
+                source = source.args[0]
             if is_relu and self.conv_node(source) and self.undisturbed(source, node):
                 conv = self.module(source)
-                fused = FusedConv(conv, add=False, relu=True, relu_module=relu_module)
+                passed = [self.module(n) for n in reversed(between)]
+                fused = FusedConv(
+                    conv, add=False, relu=True, relu_module=relu_module, between=passed
+                )
                 self.replace(node, source, fused, (source.args[0],))
-                graph.erase_node(node)
-                graph.erase_node(source)
+                for done in (node, *between, source):
+                    graph.erase_node(done)
                 count += 1
                 continue
             operands = None if is_relu else self.add_operands(node)

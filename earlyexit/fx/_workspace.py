@@ -13,9 +13,10 @@ memory, and the next temporary given that slot reuses the same block, faulted in
 call. The workspace belongs to one call of the stage and is freed when the call returns, so
 nothing is kept between calls and threads never share one.
 
-A temporary gets a slot only where that cannot change a result: every op that reads it is a
-convolution that makes a new tensor from it (never writing into it or returning a view of
-it), it is not the stage's output, and every reader has run before the slot is written again.
+A temporary gets a slot only where that cannot change a result: every op that reads it
+(directly or through `nn.Identity` calls) is a convolution that makes a new tensor from it
+(never writing into it or returning a view of it), it is not the stage's output, and every
+reader has run before the slot is written again.
 Slots are dealt in graph order, each to the first one free.
 """
 
@@ -64,15 +65,29 @@ def new_workspace() -> Workspace:
     return Workspace()
 
 
-def _reads_only(node: fx.Node, user: fx.Node, gm: fx.GraphModule) -> bool:
-    """Whether `user` only reads `node`'s tensor to make a new one of its own."""
-    if user.op != "call_module" or user.kwargs:
-        return False
-    module = gm.get_submodule(str(user.target))
-    if isinstance(module, FusedConv):
-        # Its input, never the sum it may write into, nor its workspace.
-        return user.args[0] is node and node not in user.args[1:]
-    return isinstance(module, _READERS) and user.args == (node,)
+def _readers(node: fx.Node, gm: fx.GraphModule) -> list[fx.Node] | None:
+    """The ops that read `node`'s tensor, through `nn.Identity` calls (which return it as it
+    is); None where one of them may do anything but read it to make a new tensor."""
+    readers = []
+    for user in node.users:
+        if user.op != "call_module" or user.kwargs:
+            return None
+        module = gm.get_submodule(str(user.target))
+        if type(module) is nn.Identity and user.args == (node,):
+            further = _readers(user, gm)
+            if not further:
+                return None
+            readers += further
+        elif isinstance(module, FusedConv):
+            # Its input, never the sum it may write into, nor its workspace.
+            if user.args[0] is not node or node in user.args[1:]:
+                return None
+            readers.append(user)
+        elif isinstance(module, _READERS) and user.args == (node,):
+            readers.append(user)
+        else:
+            return None
+    return readers
 
 
 def assign_workspaces(gm: fx.GraphModule) -> int:
@@ -91,10 +106,10 @@ def assign_workspaces(gm: fx.GraphModule) -> int:
         module = gm.get_submodule(str(node.target))
         if not isinstance(module, FusedConv) or module.add or module.slot is not None:
             continue
-        users = list(node.users)
-        if not users or not all(_reads_only(node, u, gm) for u in users):
+        readers = _readers(node, gm)
+        if not readers:
             continue
-        last = max(order[u] for u in users)
+        last = max(order[u] for u in readers)
         slot = next((k for k, end in enumerate(free_after) if end < order[node]), None)
         if slot is None:
             slot = len(free_after)
