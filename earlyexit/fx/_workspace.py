@@ -16,8 +16,8 @@ nothing is kept between calls and threads never share one.
 A temporary gets a slot only where that cannot change a result: every op that reads it
 (directly or through `nn.Identity` calls) is a convolution that makes a new tensor from it
 (never writing into it or returning a view of it), it is not the stage's output, and every
-reader has run before the slot is written again.
-Slots are dealt in graph order, each to the first one free.
+reader has run before the slot is written again. Slots are dealt in graph order, each to
+the first one free.
 """
 
 from __future__ import annotations
