@@ -64,20 +64,12 @@ class Bottleneck(nn.Module):
         return torch.relu(self.c(u) + x)
 
 
-def _stages(model: nn.Module, slots: bool = True) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """The traced model with its norms folded, and that with the inference rewrites (with or
-    without workspaces)."""
+def _stages(model: nn.Module) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """The traced model with its norms folded, and that with the inference rewrites."""
     torch.manual_seed(0)
     randomize_norms(model)
     folded = fold_batchnorm(fx.symbolic_trace(model.eval()))
-    if slots:
-        return folded, rewrite_inplace(fuse_pointwise(folded))
-    keep = earlyexit.fx._inplace.assign_workspaces
-    earlyexit.fx._inplace.assign_workspaces = lambda gm: 0
-    try:
-        return folded, rewrite_inplace(fuse_pointwise(folded))
-    finally:
-        earlyexit.fx._inplace.assign_workspaces = keep
+    return folded, rewrite_inplace(fuse_pointwise(folded))
 
 
 def _slots(gm: fx.GraphModule) -> list[int | None]:

@@ -248,8 +248,8 @@ class FusedConv(nn.Module):
         if channels_last is None:
             return None
         shape = _output_shape(self._conv2d(), x)
-        out = workspace.take(self.slot, shape, channels_last)
-        return out if _writable(out, x, weight) else None
+        out = workspace.take(self.slot, shape, channels_last)  # the output's own strides
+        return None if _same_storage(out, x) else out
 
     def _separate(self, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
         """The ops one by one, autograd off: the sum and the ReLU write into the new output."""
@@ -274,7 +274,7 @@ class FusedConv(nn.Module):
 def _writable(other: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the convolution of `x` may be written into `other`: `other` has exactly the
     strides the convolution's own output would have, and shares no memory with `x`."""
-    if other.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+    if _same_storage(other, x):
         return False
     channels_last = _output_channels_last(x, weight)
     if channels_last is None:
@@ -282,6 +282,10 @@ def _writable(other: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> boo
     _, c, h, w = other.shape
     strides = (h * w * c, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
     return other.stride() == strides
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _output_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool | None:
