@@ -11,7 +11,8 @@ each round starting one method later than the round before; the median per metho
   (`net.staged.inference_stages()`): what splitting the model costs by itself;
 - `stages`: the stages that early exit runs, each from stage 1 on taking over its input
   (`inference_stages(chained=True)`);
-- `stages_heads`: those stages with each exit head after its stage;
+- `stages_heads`: those stages with each exit head after its stage (the three chains share
+  one workspace per call, as early exit's stages do: `sharing_workspace`);
 - `no_exit`: `net.early_exit(x, threshold=2.0)`: the heads' test, the host synchronisation and
   the bookkeeping on top.
 
@@ -35,6 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from earlyexit.fx._workspace import sharing_workspace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed
@@ -61,15 +64,16 @@ def pieces(net, x: torch.Tensor) -> dict[str, Callable[[], object]]:
     folded, _ = speed.fold_original(net.backbone)
     alone = net.staged.inference_stages()
     chained = net.staged.inference_stages(chained=True)
-    heads = net._exit_heads()
+    heads = net._inference_heads()
 
     def chain(stages, with_heads: bool) -> Callable[[], object]:
         def run() -> object:
             h = x
-            for i, stage in enumerate(stages):
-                h = stage(h)
-                if with_heads and i < len(heads):
-                    heads[i](h)
+            with sharing_workspace():  # as early exit runs its stages
+                for i, stage in enumerate(stages):
+                    h = stage(h)
+                    if with_heads and i < len(heads):
+                        heads[i](h)
             return h
 
         return run
@@ -85,7 +89,7 @@ def pieces(net, x: torch.Tensor) -> dict[str, Callable[[], object]]:
 
 def heads_alone(net, x: torch.Tensor, device: torch.device, rounds: int) -> float:
     """Seconds per call of all the heads, each run on its stage's output right after itself."""
-    stages, heads = net.staged.inference_stages(), net._exit_heads()
+    stages, heads = net.staged.inference_stages(), net._inference_heads()
     total, h = 0.0, x
     for stage, head in zip(stages, heads):
         h = stage(h)

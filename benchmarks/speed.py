@@ -545,7 +545,7 @@ def full_batch_pieces(
     `micro`, on micro-batches of that size, as CPU inference runs them.
     """
     # The stages that leave their input alone: each piece runs many times on one input.
-    stages, heads = net._inference_stages(), net._exit_heads()
+    stages, heads = net._inference_stages(), net._inference_heads()
     calls: dict[str, Callable[[], object]] = {}
 
     def each(module: Callable[[torch.Tensor], object], h: torch.Tensor) -> Callable[[], object]:

@@ -156,6 +156,8 @@ class ExitHead(nn.Module):
         self.pool_dims = tuple(d for d in range(1, ndim) if d != self.channel_axis)
         self.norm: nn.Module | None = None
         self.conv: nn.Module | None = None
+        # A channels-first `conv` head's layout cell: what `earlyexit._head_folding` folds.
+        self._fold_cell: tuple[int, int] | None = None
         in_features = math.prod(self.shape) if self.exit_type == "plain" else channels
         extra = 0
         if self.exit_type == "conv":
@@ -175,6 +177,7 @@ class ExitHead(nn.Module):
                 if self.cells > 1 and cell != (1, 1):
                     self.conv.append(nn.AvgPool2d(cell, cell))
                 in_features *= self.cells
+                self._fold_cell = cell
             else:
                 self.conv = nn.Sequential(
                     nn.LayerNorm(channels), nn.Linear(channels, in_features), nn.GELU()

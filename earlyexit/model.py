@@ -11,6 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from earlyexit._head_folding import InferenceHead, inference_heads
 from earlyexit._pipeline import run_micro_batches
 from earlyexit.config import EarlyExitConfig
 from earlyexit.errors import EarlyExitWarning, PlacementError, TraceError
@@ -120,6 +121,7 @@ class EarlyExitNet(nn.Module):
             costs.append(total / self.backbone_macs)
         self.register_buffer("exit_costs", torch.tensor(costs), persistent=False)
         self._compiled_heads: list[nn.Module] | None = None
+        self._folded_heads: list[nn.Module] | None = None  # see `_inference_heads`
         param = next(iter(backbone.parameters()), None)
         if param is not None:
             self.heads.to(device=param.device, dtype=param.dtype)
@@ -161,8 +163,10 @@ class EarlyExitNet(nn.Module):
         which no version counter sees, call `net.eval()`. With it, on CPU, large float32
         convolutions also do the ReLU and residual sum after them (oneDNN post-ops; see
         *Inference* in the docs), which keeps the values but turns a NaN through such a
-        ReLU into 0. Set it to False for inference that is the original model bit for bit
-        (with early exits off); training, `forward_all` and export never fold.
+        ReLU into 0. The channels-first `conv` exit heads are folded too (their batch norm,
+        layout pool and linear branches; see *Inference* in the docs). Set it to False for
+        inference that is the original model bit for bit (with early exits off); training,
+        `forward_all` and export never fold.
         """
         return self.staged.fold_batchnorm
 
@@ -281,6 +285,31 @@ class EarlyExitNet(nn.Module):
             return self._compiled_heads
         return list(self.heads)
 
+    def _inference_heads(self) -> list[nn.Module]:
+        """The heads early-exit inference runs: in eval mode with `fold_batchnorm`, each
+        channels-first `conv` head folded (`earlyexit._head_folding`); else `_exit_heads()`."""
+        if self._compiled_heads is not None or self.training or not self.fold_batchnorm:
+            return self._exit_heads()
+        wrapped = self._folded_heads
+        if (
+            wrapped is None
+            or len(wrapped) != len(self.heads)
+            or any(getattr(w, "head", w) is not h for w, h in zip(wrapped, self.heads))
+        ):
+            wrapped = self._folded_heads = inference_heads(self.heads)
+        return list(wrapped)
+
+    def train(self, mode: bool = True) -> EarlyExitNet:
+        """Set the mode; the folded heads fold again at their next use, as the stages do.
+
+        Whatever changed the weights in between (an edit through `.data`) is then seen.
+        """
+        super().train(mode)
+        for head in self._folded_heads or ():
+            if isinstance(head, InferenceHead):
+                head.invalidate()
+        return self
+
     def forward_all(self, x: torch.Tensor) -> ExitOutputs:
         """Run every sample through every exit, whatever the mode.
 
@@ -319,7 +348,7 @@ class EarlyExitNet(nn.Module):
         """
         t = self.threshold if threshold is None else check_threshold(threshold)
         check_inputs(x, self.input_size, next(self.parameters(), None))
-        stages, heads = self._inference_stages(chained=True), self._exit_heads()
+        stages, heads = self._inference_stages(chained=True), self._inference_heads()
         micro = self.resolve_micro_batch(x)
         # Micro-batches only where every module is in eval mode: a train-mode batch norm
         # normalises by its batch (and updates its statistics once per call).

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from earlyexit._pipeline import Pipeline
 from earlyexit.cuda_graphs import GraphedEarlyExit, capture_cuda_graphs
+from earlyexit.fx._workspace import sharing_workspace
 from earlyexit.inference import check_threshold
 from earlyexit.model import EarlyExitNet, check_eval_net
 from earlyexit.outputs import EarlyExitResult
@@ -156,7 +157,8 @@ def _predict_shard(
     total = count = 0  # samples in the stream, and in this rank's share of it
     disable = None if progress and rank == 0 else True  # None: off when stderr is no terminal
     bar = tqdm(data, desc="predict", unit="batch", leave=False, disable=disable)
-    with torch.inference_mode():
+    # The stages run one at a time: their temporaries share memory (`sharing_workspace`).
+    with torch.inference_mode(), sharing_workspace():
         try:
             for k, batch in enumerate(bar):
                 x, y = _unpack(batch, k, input_size)
@@ -179,7 +181,7 @@ def _predict_shard(
                     size = size if micro is None else min(size, micro)
                     graphs = _graphs_for(net, cuda_graphs, size)
                     stages = net._inference_stages(chained=True)
-                    pipeline = Pipeline(stages, net._exit_heads(), threshold, size, graphs)
+                    pipeline = Pipeline(stages, net._inference_heads(), threshold, size, graphs)
                 # DistributedSampler's order: sample j of the stream goes to rank j % world.
                 mine = slice((rank - total) % world, None, world)
                 total += x.shape[0]
