@@ -11,15 +11,17 @@ each round starting one method later than the round before; the median per metho
   (`net.staged.inference_stages()`): what splitting the model costs by itself;
 - `stages`: the stages that early exit runs, each from stage 1 on taking over its input
   (`inference_stages(chained=True)`);
-- `stages_heads`: those stages with each exit head after its stage (the three chains share
-  one workspace per call, as early exit's stages do: `sharing_workspace`);
+- `stages_heads`: those stages with each exit head after its stage;
 - `no_exit`: `net.early_exit(x, threshold=2.0)`: the heads' test, the host synchronisation and
-  the bookkeeping on top.
+  the bookkeeping on top;
+- `stages_heads_as_written`: `stages_heads` with the heads as written instead of folded
+  (`earlyexit._head_folding`): an A/B of the folding within the pass, in the same rounds.
 
-and, apart from the pass, `heads_alone`: each head run on its stage's output right after
-itself (warm caches), summed. The steps from one line to the next are the parts of the
-overhead: the cut between stages, the handing over of inputs, the heads within the pass
-(against their cost alone), and the rest. CPU or CUDA (eager, synchronised), float32, the
+and, apart from the pass, `heads_alone` (and `heads_alone_as_written`): each head run on its
+stage's output right after itself (warm caches), summed. The steps from one line to the next
+(the last against `stages`) are the parts of the overhead: the cut between stages, the
+handing over of inputs, the heads within the pass (against their cost alone), and the rest.
+CPU or CUDA (eager, synchronised), float32, the
 net's defaults; `--json` keeps the per-round times.
 
     python benchmarks/overhead.py --model resnet110 --n-exits 10 --batch-size 256
@@ -37,13 +39,20 @@ from pathlib import Path
 
 import torch
 
-from earlyexit.fx._workspace import sharing_workspace
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed
 from fresh import NEVER  # a threshold above 1: nobody leaves early
 
-METHODS = ("original", "stages_alone", "stages", "stages_heads", "no_exit")
+METHODS = (
+    "original",
+    "stages_alone",
+    "stages",
+    "stages_heads",
+    "no_exit",
+    "stages_heads_as_written",
+)
+#: Printed against this line instead of the one above it.
+STEP_FROM = {"stages_heads_as_written": "stages"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,32 +73,35 @@ def pieces(net, x: torch.Tensor) -> dict[str, Callable[[], object]]:
     folded, _ = speed.fold_original(net.backbone)
     alone = net.staged.inference_stages()
     chained = net.staged.inference_stages(chained=True)
-    heads = net._inference_heads()
 
-    def chain(stages, with_heads: bool) -> Callable[[], object]:
+    def chain(stages, heads=()) -> Callable[[], object]:
         def run() -> object:
             h = x
-            with sharing_workspace():  # as early exit runs its stages
-                for i, stage in enumerate(stages):
-                    h = stage(h)
-                    if with_heads and i < len(heads):
-                        heads[i](h)
+            for i, stage in enumerate(stages):
+                h = stage(h)
+                if i < len(heads):
+                    heads[i](h)
             return h
 
         return run
 
     return {
         "original": lambda: folded(x),
-        "stages_alone": chain(alone, False),
-        "stages": chain(chained, False),
-        "stages_heads": chain(chained, True),
+        "stages_alone": chain(alone),
+        "stages": chain(chained),
+        "stages_heads": chain(chained, net._inference_heads()),
         "no_exit": lambda: net.early_exit(x, threshold=NEVER),
+        "stages_heads_as_written": chain(chained, list(net.heads)),
     }
 
 
-def heads_alone(net, x: torch.Tensor, device: torch.device, rounds: int) -> float:
-    """Seconds per call of all the heads, each run on its stage's output right after itself."""
-    stages, heads = net.staged.inference_stages(), net._inference_heads()
+def heads_alone(
+    net, x: torch.Tensor, device: torch.device, rounds: int, heads: list | None = None
+) -> float:
+    """Seconds per call of all the heads (early exit's, or `heads`), each run on its stage's
+    output right after itself."""
+    stages = net.staged.inference_stages()
+    heads = net._inference_heads() if heads is None else heads
     total, h = 0.0, x
     for stage, head in zip(stages, heads):
         h = stage(h)
@@ -129,20 +141,24 @@ def measure(args: argparse.Namespace) -> dict:
             for method in METHODS[r % len(METHODS) :] + METHODS[: r % len(METHODS)]:
                 times[method].append(_timed(calls[method], device))
         alone = heads_alone(net, x, device, args.rounds)
+        as_written = heads_alone(net, x, device, args.rounds, list(net.heads))
     n = args.batch_size
     ms = {m: 1e3 * statistics.median(t) / n for m, t in times.items()}
     ms["heads_alone"] = 1e3 * alone / n
+    ms["heads_alone_as_written"] = 1e3 * as_written / n
     return {"args": vars(args), "ms_per_sample": ms, "seconds_per_round": times}
 
 
 def print_table(ms: dict[str, float]) -> None:
     """Each method against the original, and the step from the line before, in its units."""
     base = ms["original"]
-    print(f"{'method':14} {'ms/sample':>9} {'÷ original':>10} {'step':>8}")
+    print(f"{'method':24} {'ms/sample':>9} {'÷ original':>10} {'step':>8}")
     for k, m in enumerate(METHODS):
-        step = f"{(ms[m] - ms[METHODS[k - 1]]) / base:+8.1%}" if k else ""
-        print(f"{m:14} {ms[m]:9.3f} {ms[m] / base:10.3f} {step:>8}")
-    print(f"{'heads_alone':14} {ms['heads_alone']:9.3f} {ms['heads_alone'] / base:10.3f}")
+        before = STEP_FROM.get(m, METHODS[k - 1])
+        step = f"{(ms[m] - ms[before]) / base:+8.1%}" if k else ""
+        print(f"{m:24} {ms[m]:9.3f} {ms[m] / base:10.3f} {step:>8}")
+    for m in ("heads_alone", "heads_alone_as_written"):
+        print(f"{m:24} {ms[m]:9.3f} {ms[m] / base:10.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:

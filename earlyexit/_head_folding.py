@@ -162,7 +162,8 @@ class FoldedConvHead:
         num_classes = self.classifier.out_features
         logits = out[:, :num_classes].contiguous()
         inputs = certainty(logits)
-        return logits, out[:, num_classes] + inputs @ certainty_weight.to(inputs.dtype)
+        # All three in the logits' dtype (autocast's, where it is on): one fused op, no cast.
+        return logits, torch.addmv(out[:, num_classes], inputs, certainty_weight.to(inputs.dtype))
 
 
 class InferenceHead(nn.Module):

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from earlyexit.errors import EarlyExitError
-from earlyexit.fx._workspace import sharing_workspace
 from earlyexit.inference import run_exit
 from earlyexit.outputs import EarlyExitResult
 
@@ -164,7 +163,6 @@ def run_micro_batches(
         Per sample: the logits of the exit it left at, that exit's index and its cost.
     """
     pipeline = Pipeline(stages, heads, threshold, micro_batch)
-    with sharing_workspace():  # the stages run one at a time: their temporaries share memory
-        pipeline.push(x, torch.arange(x.shape[0], device=x.device))
-        pipeline.flush()
+    pipeline.push(x, torch.arange(x.shape[0], device=x.device))
+    pipeline.flush()
     return pipeline.result(x.shape[0], costs, num_classes)

@@ -14,7 +14,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from earlyexit.fx._workspace import sharing_workspace
 from earlyexit.outputs import EarlyExitResult
 
 __all__ = [
@@ -214,18 +213,6 @@ def run_early_exit(
     Returns:
         Per sample: the logits of the exit it left at, that exit's index and its cost.
     """
-    with sharing_workspace():  # the stages run one at a time: their temporaries share memory
-        return _run_early_exit(stages, heads, x, threshold, costs, num_classes)
-
-
-def _run_early_exit(
-    stages: Sequence[nn.Module],
-    heads: Sequence[nn.Module],
-    x: torch.Tensor,
-    threshold: float,
-    costs: torch.Tensor,
-    num_classes: int,
-) -> EarlyExitResult:
     n_exits = len(heads)
     batch = x.shape[0]
     device = x.device

@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from earlyexit._pipeline import Pipeline
 from earlyexit.cuda_graphs import GraphedEarlyExit, capture_cuda_graphs
-from earlyexit.fx._workspace import sharing_workspace
 from earlyexit.inference import check_threshold
 from earlyexit.model import EarlyExitNet, check_eval_net
 from earlyexit.outputs import EarlyExitResult
@@ -157,8 +156,7 @@ def _predict_shard(
     total = count = 0  # samples in the stream, and in this rank's share of it
     disable = None if progress and rank == 0 else True  # None: off when stderr is no terminal
     bar = tqdm(data, desc="predict", unit="batch", leave=False, disable=disable)
-    # The stages run one at a time: their temporaries share memory (`sharing_workspace`).
-    with torch.inference_mode(), sharing_workspace():
+    with torch.inference_mode():
         try:
             for k, batch in enumerate(bar):
                 x, y = _unpack(batch, k, input_size)

@@ -428,10 +428,11 @@ def test_overhead_splits_the_no_exit_pass_into_its_parts(script, tmp_path, capsy
     argv = ["--model", "resnet20", "--n-exits", "2", "--batch-size", "4", "--threads", "1"]
     assert overhead.main([*argv, "--rounds", "2", "--json", str(saved)]) == 0
     printed = capsys.readouterr().out
-    for method in (*overhead.METHODS, "heads_alone"):
+    alone = ("heads_alone", "heads_alone_as_written")
+    for method in (*overhead.METHODS, *alone):
         assert method in printed
     result = json.loads(saved.read_text())
-    assert set(result["ms_per_sample"]) == {*overhead.METHODS, "heads_alone"}
+    assert set(result["ms_per_sample"]) == {*overhead.METHODS, *alone}
     assert all(v > 0 for v in result["ms_per_sample"].values())
     assert all(len(t) == 2 for t in result["seconds_per_round"].values())
 
@@ -447,7 +448,7 @@ def test_overhead_pieces_compute_what_early_exit_computes(script):
     with torch.inference_mode():
         calls = overhead.pieces(net, x)
         expected = net.early_exit(x, threshold=overhead.NEVER).logits
-        for method in ("stages_alone", "stages", "stages_heads"):
+        for method in ("stages_alone", "stages", "stages_heads", "stages_heads_as_written"):
             assert torch.equal(calls[method](), expected), method
         torch.testing.assert_close(calls["original"](), expected, rtol=1e-4, atol=1e-4)
     assert torch.equal(x, before)  # no piece writes into the input

@@ -8,7 +8,6 @@ slot; and calls, also concurrent ones, never share a workspace.
 
 from __future__ import annotations
 
-import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -17,14 +16,12 @@ import torch
 from torch import fx, nn
 
 import earlyexit
-import earlyexit._pipeline
 import earlyexit.fx._inplace
 import earlyexit.fx._pointwise
-import earlyexit.inference
 from earlyexit.fx._fold import fold_batchnorm
 from earlyexit.fx._inplace import rewrite_chain, rewrite_inplace
 from earlyexit.fx._pointwise import FusedConv, fuse_pointwise, fused_op_available
-from earlyexit.fx._workspace import Workspace, new_workspace, sharing_workspace
+from earlyexit.fx._workspace import Workspace
 
 from toy_models import randomize_norms
 
@@ -213,7 +210,7 @@ def test_a_slot_buffer_that_does_not_fit_is_not_written():
         assert torch.equal(fused(x, None), expected)
         # The convolution's own input in the slot: never overwritten.
         sneaky = Workspace()
-        sneaky._buffers[0] = x.permute(0, 2, 3, 1).reshape(-1)  # x's own memory
+        sneaky._buffers[0] = x
         kept = x.clone()
         assert torch.equal(fused(x, sneaky), expected) and torch.equal(x, kept)
         # With autograd on, the ops run as written, into fresh memory.
@@ -223,65 +220,21 @@ def test_a_slot_buffer_that_does_not_fit_is_not_written():
         FusedConv(conv, add=True, relu=True, slot=0)
 
 
-def test_take_gives_views_of_one_buffer_per_slot_grown_as_needed():
+def test_take_makes_a_buffer_per_slot_shape_and_layout():
     workspace = Workspace()
     a = workspace.take(0, (2, 3, 4, 4), True)
     assert a.is_contiguous(memory_format=torch.channels_last) and a.shape == (2, 3, 4, 4)
-    assert a.stride() == torch.empty(2, 3, 4, 4, memory_format=torch.channels_last).stride()
     assert workspace.take(0, (2, 3, 4, 4), True) is a
-    assert workspace.take(1, (2, 3, 4, 4), True).data_ptr() != a.data_ptr()
+    assert workspace.take(1, (2, 3, 4, 4), True) is not a
     b = workspace.take(0, (2, 3, 4, 4), False)
-    assert b.is_contiguous() and b.data_ptr() == a.data_ptr()
-    # Smaller: a view of the same memory; larger: a new buffer.
-    assert workspace.take(0, (1, 6, 2, 2), True).data_ptr() == a.data_ptr()
-    c = workspace.take(0, (4, 3, 4, 4), False)
-    assert c.shape == (4, 3, 4, 4) and c.is_contiguous() and c.data_ptr() != a.data_ptr()
-    assert workspace.take(0, (2, 3, 4, 4), True).data_ptr() == c.data_ptr()
+    assert b is not a and b.is_contiguous()
+    assert workspace.take(0, (1, 3, 4, 4), False) is not b
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:  # the fused convolutions' dtype, whatever the default
         assert workspace.take(2, (1, 2, 2, 2), False).dtype == torch.float32
     finally:
         torch.set_default_dtype(default)
-
-
-def test_sharing_workspace_gives_stages_one_workspace_inside_the_block_only():
-    assert new_workspace() is not new_workspace()
-    with sharing_workspace():
-        shared = new_workspace()
-        assert new_workspace() is shared
-        with sharing_workspace():  # nested: the outer one is kept
-            assert new_workspace() is shared
-        with ThreadPoolExecutor(1) as pool:  # another thread: its own
-            assert pool.submit(new_workspace).result() is not shared
-    assert new_workspace() is not shared
-
-
-@needs_onednn
-@pytest.mark.parametrize("micro_batch", [None, 2])
-def test_early_exit_stages_share_one_workspace_with_the_same_values(micro_batch, monkeypatch):
-    torch.manual_seed(0)
-    model = timm.create_model("resnet20", num_classes=7).eval()
-    randomize_norms(model, seed=1)
-    net = earlyexit.convert(model, n_exits=3, dist="linear").eval()
-    net.micro_batch = micro_batch
-    x = torch.randn(6, *net.input_size)
-    made = []
-    init = Workspace.__init__
-
-    def count(self):
-        made.append(self)
-        init(self)
-
-    monkeypatch.setattr(Workspace, "__init__", count)
-    with torch.inference_mode():
-        shared = net.early_exit(x, threshold=2.0)
-        assert len(made) == 1  # one per call, not one per stage
-        monkeypatch.setattr(earlyexit.inference, "sharing_workspace", contextlib.nullcontext)
-        monkeypatch.setattr(earlyexit._pipeline, "sharing_workspace", contextlib.nullcontext)
-        alone = net.early_exit(x, threshold=2.0)
-        assert len(made) > 2
-    assert torch.equal(shared.logits, alone.logits)
 
 
 _ZOO = ["resnet20", "test_resnet", "resnet18", "mobilenetv3_small_050", "test_efficientnet"]

@@ -11,11 +11,7 @@ those stages' time, and a different number in every process.
 it starts: the convolution writes into its slot (`FusedConv.slot`) instead of into fresh
 memory, and the next temporary given that slot reuses the same block, faulted in once per
 call. The workspace belongs to one call of the stage and is freed when the call returns, so
-nothing is kept between calls and threads never share one. A caller that runs several stages
-one after another (early-exit inference) can have them share one workspace for the length of
-its own call (`sharing_workspace`): a slot's buffer then grows to the largest temporary it
-holds and smaller ones are views of it, so the whole pass faults its memory in once, as the
-original model in one graph does.
+nothing is kept between calls and threads never share one.
 
 A temporary gets a slot only where that cannot change a result: every op that reads it
 (directly or through `nn.Identity` calls) is a convolution that makes a new tensor from it
@@ -26,85 +22,47 @@ the first one free.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import math
-from collections.abc import Iterator
-
 import torch
 from torch import fx, nn
 
 from earlyexit.fx._fold import FoldedConvBN, free_name
 from earlyexit.fx._pointwise import FusedConv
 
-__all__ = ["Workspace", "assign_workspaces", "new_workspace", "sharing_workspace"]
+__all__ = ["Workspace", "assign_workspaces", "new_workspace"]
 
 # Modules that read their one input and make a new tensor: safe readers of a slot's tensor.
 _READERS: tuple[type[nn.Module], ...] = (nn.Conv2d, FoldedConvBN)
 
 
 class Workspace:
-    """The buffers of one call, one per slot, made at first use.
+    """The buffers of one call of a stage, one per slot, made at first use.
 
-    `take(slot, shape, channels_last)` returns a float32 CPU tensor of that shape and layout
-    (what the fused convolutions write), uninitialised: a view of the slot's buffer, which is
-    made anew, larger, when it holds fewer elements than the shape needs.
+    `take(slot, shape, channels_last)` returns the slot's buffer: a float32 CPU tensor (what
+    the fused convolutions write), made anew, uninitialised, when the slot holds none yet or
+    one of another shape or layout.
     """
 
-    __slots__ = ("_buffers", "_views")
+    __slots__ = ("_buffers",)
 
     def __init__(self) -> None:
         self._buffers: dict[int, torch.Tensor] = {}
-        self._views: dict[int, tuple[tuple[int, ...], bool, torch.Tensor]] = {}
 
     def take(self, slot: int, shape: tuple[int, ...], channels_last: bool) -> torch.Tensor:
-        shape = tuple(shape)
-        last = self._views.get(slot)
-        if last is not None and last[0] == shape and last[1] == channels_last:
-            return last[2]
-        n = math.prod(shape)
         buffer = self._buffers.get(slot)
-        if buffer is None or buffer.numel() < n:
-            buffer = torch.empty(n, dtype=torch.float32)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        if (
+            buffer is None
+            or tuple(buffer.shape) != tuple(shape)
+            or not buffer.is_contiguous(memory_format=layout)
+        ):
+            buffer = torch.empty(shape, dtype=torch.float32, memory_format=layout)
             self._buffers[slot] = buffer
-        if channels_last:  # (B, H, W, C) in memory, seen as (B, C, H, W)
-            b, c, h, w = shape
-            view = buffer[:n].view(b, h, w, c).permute(0, 3, 1, 2)
-        else:
-            view = buffer[:n].view(shape)
-        self._views[slot] = (shape, channels_last, view)
-        return view
-
-
-_SHARED: contextvars.ContextVar[Workspace | None] = contextvars.ContextVar(
-    "earlyexit_shared_workspace", default=None
-)
+        return buffer
 
 
 def new_workspace() -> Workspace:
-    """The workspace a rewritten stage starts with: the one shared by the caller's call
-    (`sharing_workspace`), or a fresh one."""
-    shared = _SHARED.get()
-    return Workspace() if shared is None else shared
-
-
-@contextlib.contextmanager
-def sharing_workspace() -> Iterator[None]:
-    """Let every stage that runs inside the block, in this thread, use one workspace.
-
-    For a caller that runs stages one after another and never one inside another (each
-    stage's temporaries die with its call, so the next stage may reuse their memory). The
-    workspace is freed when the block ends; inside a block already sharing one, that one is
-    kept.
-    """
-    if _SHARED.get() is not None:
-        yield
-        return
-    token = _SHARED.set(Workspace())
-    try:
-        yield
-    finally:
-        _SHARED.reset(token)
+    """A fresh `Workspace` (the node a rewritten stage starts with)."""
+    return Workspace()
 
 
 def _readers(node: fx.Node, gm: fx.GraphModule) -> list[fx.Node] | None:
