@@ -11,7 +11,8 @@ each round starting one method later than the round before; the median per metho
   (`net.staged.inference_stages()`): what splitting the model costs by itself;
 - `stages`: the stages that early exit runs, each from stage 1 on taking over its input
   (`inference_stages(chained=True)`);
-- `stages_heads`: those stages with each exit head after its stage;
+- `stages_heads`: those stages with each exit head after its stage, as early exit runs the
+  heads (folded, `net._inference_heads()`);
 - `no_exit`: `net.early_exit(x, threshold=2.0)`: the heads' test, the host synchronisation and
   the bookkeeping on top;
 - `stages_heads_as_written`: `stages_heads` with the heads as written instead of folded
@@ -21,8 +22,8 @@ and, apart from the pass, `heads_alone` (and `heads_alone_as_written`): each hea
 stage's output right after itself (warm caches), summed. The steps from one line to the next
 (the last against `stages`) are the parts of the overhead: the cut between stages, the
 handing over of inputs, the heads within the pass (against their cost alone), and the rest.
-CPU or CUDA (eager, synchronised), float32, the
-net's defaults; `--json` keeps the per-round times.
+CPU or CUDA (eager, synchronised), float32, the net's defaults; `--json` keeps the per-round
+times.
 
     python benchmarks/overhead.py --model resnet110 --n-exits 10 --batch-size 256
 """

@@ -221,6 +221,7 @@ def inference_heads(heads: Iterable[nn.Module]) -> list[nn.Module]:
     """The heads as early-exit inference runs them: each channels-first `conv` head wrapped
     in an `InferenceHead`, the others as they are."""
     return [
-        InferenceHead(h) if isinstance(h, ExitHead) and h._fold_cell is not None else h
+        # getattr: a head unpickled from an earlier version has no `_fold_cell`.
+        InferenceHead(h) if getattr(h, "_fold_cell", None) is not None else h
         for h in heads
     ]

@@ -97,16 +97,19 @@ def test_untrained_folded_confidence_is_exactly_the_prior(channels_last):
     assert torch.equal(torch.sigmoid(confidence.double()) >= 0.5, top >= CONFIDENCE_PRIOR)
 
 
+def _setup(channels_last: bool) -> tuple[ExitHead, InferenceHead, torch.Tensor]:
+    """A head on (16, 8, 8) features, its inference form, and an input."""
+    head = _head((16, 8, 8))
+    return head, InferenceHead(head), _input((16, 8, 8), channels_last)
+
+
 def _close(wrapper: InferenceHead, x: torch.Tensor) -> None:
     expected = _as_written(wrapper.head, x)
     torch.testing.assert_close(_folded(wrapper, x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_folded_head_follows_tracked_changes_in_the_same_tensors():
-    shape = (16, 8, 8)
-    head = _head(shape)
-    wrapper = InferenceHead(head)
-    x = _input(shape, True)
+    head, wrapper, x = _setup(channels_last=True)
     _folded(wrapper, x)
     folded = wrapper._folded
     kept = [folded._bias, *folded._matrices.values(), folded.folded_conv.folded()[0]]
@@ -119,7 +122,7 @@ def test_folded_head_follows_tracked_changes_in_the_same_tensors():
     head(x * 3)  # train mode updates the norm's running statistics
     head.eval()
     _close(wrapper, x)
-    head.load_state_dict(_head(shape, seed=7).state_dict())
+    head.load_state_dict(_head(head.shape, seed=7).state_dict())
     _close(wrapper, x)
     # A captured CUDA graph reads the tensors handed out first: they were written in place.
     now = [folded._bias, *folded._matrices.values(), folded.folded_conv.folded()[0]]
@@ -165,10 +168,7 @@ def test_forward_all_training_and_fold_batchnorm_false_run_the_heads_as_written(
 
 
 def test_hooks_train_mode_and_autograd_run_the_ops_as_written():
-    shape = (16, 8, 8)
-    head = _head(shape)
-    wrapper = InferenceHead(head)
-    x = _input(shape, True)
+    head, wrapper, x = _setup(channels_last=True)
     seen = []
     for module in (head, head.classifier, head.conv[3]):
         handle = module.register_forward_hook(lambda m, i, o: seen.append(m))
@@ -187,10 +187,7 @@ def test_hooks_train_mode_and_autograd_run_the_ops_as_written():
 
 
 def test_a_replaced_module_is_seen():
-    shape = (16, 8, 8)
-    head = _head(shape)
-    wrapper = InferenceHead(head)
-    x = _input(shape, False)
+    head, wrapper, x = _setup(channels_last=False)
     _folded(wrapper, x)
     head.classifier = nn.Linear(head.classifier.in_features, 10)
     _close(wrapper, x)
@@ -216,21 +213,17 @@ def test_state_dict_and_copies_do_not_see_the_folded_form():
 
 
 def test_autocast_gives_the_dtypes_of_the_ops_as_written():
-    shape = (16, 8, 8)
-    head = _head(shape)
-    x = _input(shape, True)
+    head, wrapper, x = _setup(channels_last=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = _as_written(head, x)
-        got = _folded(InferenceHead(head), x)
+        got = _folded(wrapper, x)
     assert [t.dtype for t in got] == [t.dtype for t in expected]
     torch.testing.assert_close(got, expected, rtol=0.05, atol=0.1)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
 def test_tracers_see_the_ops_as_written():
-    shape = (16, 8, 8)
-    wrapper = InferenceHead(_head(shape))
-    x = _input(shape, False)
+    _, wrapper, x = _setup(channels_last=False)
     with torch.no_grad():
         traced = torch.jit.trace(wrapper, (x,))
         program = torch.export.export(wrapper, (x,), strict=False)
@@ -246,6 +239,8 @@ def test_heads_of_other_kinds_run_as_written():
     ]
     wrapped = inference_heads(heads)
     assert wrapped[:2] == heads[:2] and wrapped[2].head is heads[2]
+    del heads[2]._fold_cell  # as a head unpickled from an earlier version
+    assert inference_heads(heads) == heads
 
 
 def test_an_empty_batch():
