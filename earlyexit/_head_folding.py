@@ -20,8 +20,9 @@ are needed, and made again, into the same tensors, when one of them changes in a
 tracks (see `FoldedConvBN.source_key`), or after `invalidate` (`EarlyExitNet.train` calls
 it). The results equal the head's eval-mode ops up to float rounding; untrained, the
 confidence is still exactly the max-softmax prior of its own logits (its feature weights are
-zero). `EarlyExitNet` gives early-exit inference these heads (`_inference_heads`);
-`forward_all`, training, export and the CUDA-graph runner use the heads as written.
+zero). `EarlyExitNet` gives early-exit inference these heads (`_inference_heads`), and the
+CUDA-graph runner captures them (`refresh` folds again before a replay); `forward_all`,
+training and export use the heads as written.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class FoldedConvHead:
         self._matrices: dict[bool, torch.Tensor] = {}  # channels_last → (K + 1, C·H·W)
         self._bias: torch.Tensor | None = None
         self._certainty: torch.Tensor | None = None
+        self._shape: tuple[int, int, int] | None = None  # the map the matrices were made for
 
     def matches(
         self, head_conv: nn.Sequential, classifier: nn.Module, confidence: nn.Module
@@ -105,6 +107,16 @@ class FoldedConvHead:
         self._key = None
         self.folded_conv.invalidate()
 
+    def refresh(self) -> None:
+        """Fold again now, into the same tensors, where a source changed since the last use:
+        for a captured CUDA graph, which replays the ops without these checks."""
+        pair = self.folded_conv
+        key = pair.source_key()
+        if key is not None:
+            pair.folded(key)
+        if self._shape is not None and self._linear_key() is not None:
+            self._linear(False, self._shape)
+
     def _linear_key(self) -> tuple | None:
         cls, conf = self.classifier._parameters, self.confidence._parameters
         weights = (cls.get("weight"), conf.get("weight"))
@@ -118,6 +130,7 @@ class FoldedConvHead:
         """The merged matrix for a (C, H, W) map in that layout, its bias, and the certainty
         inputs' weights; made again when a source changed."""
         key = (self._linear_key(), shape)
+        self._shape = shape
         if key != self._key:
             matrices, bias, inputs_weight = self._fold_linear(shape)
             self._matrices = {k: _refresh(self._matrices.get(k), m) for k, m in matrices.items()}
@@ -160,8 +173,20 @@ class FoldedConvHead:
         y = pair.conv._conv_forward(self.pool(x), weight, bias).relu_()
         channels_last = not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)
         matrix, linear_bias, certainty_weight = self._linear(channels_last, tuple(y.shape[1:]))
+        return self.tail(y, channels_last, matrix, linear_bias, certainty_weight)
+
+    def tail(
+        self,
+        y: torch.Tensor,
+        channels_last: bool,
+        matrix: torch.Tensor,
+        bias: torch.Tensor,
+        certainty_weight: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The outputs from the ReLU's output `y` and the folded tensors (what a captured
+        graph replays after the convolution)."""
         flat = (y.permute(0, 2, 3, 1) if channels_last else y).flatten(1)  # a view
-        out = F.linear(flat, matrix, linear_bias)
+        out = F.linear(flat, matrix, bias)
         num_classes = self.classifier.out_features
         logits = out[:, :num_classes].contiguous()
         inputs = certainty(logits)
@@ -197,6 +222,11 @@ class InferenceHead(nn.Module):
         """Fold again at the next use (`EarlyExitNet.train` calls it at every mode switch)."""
         if self._folded is not None:
             self._folded.invalidate()
+
+    def refresh(self) -> None:
+        """Fold again now where a source changed (see `FoldedConvHead.refresh`)."""
+        if self._folded is not None:
+            self._folded.refresh()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         head = self.head

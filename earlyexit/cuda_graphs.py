@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from earlyexit._head_folding import InferenceHead
 from earlyexit.errors import EarlyExitError
 from earlyexit.fx._fold import folded_pairs
 from earlyexit.inference import ExitSplit, _select, check_threshold, exit_mask, record_exit
@@ -117,11 +118,12 @@ class _Steps:
 
     def __init__(self, net: EarlyExitNet, batch_sizes: tuple[int, ...]) -> None:
         self.stages = net.staged.inference_stages()
-        self.heads = net._exit_heads()
+        self.heads = net._inference_heads()  # folded, as `early_exit` runs them
         self.batch_sizes = batch_sizes
         # A graph reads the folded weights it was captured with; `refresh` folds them again
         # (in the same tensors) where the net's weights changed since.
         self.folded = folded_pairs(self.stages)
+        self.folded_heads = [h for h in self.heads if isinstance(h, InferenceHead)]
         param = next(net.parameters())
         # Ordinary tensors, though `predict` builds the steps under inference mode: the caller
         # writes into them, in whatever mode it runs.
@@ -140,11 +142,14 @@ class _Steps:
                     self._prepare(i, b)
 
     def refresh(self) -> None:
-        """Fold the batch norms again where a weight or statistic changed since the last run."""
+        """Fold the batch norms (and the heads) again where a weight or statistic changed
+        since the last run."""
         for module in self.folded:
             key = module.source_key()
             if key is not None:
                 module.folded(key)
+        for head in self.folded_heads:
+            head.refresh()
 
     def set_threshold(self, threshold: float) -> None:
         if threshold != self.threshold_value:

@@ -18,6 +18,7 @@ from torch import nn
 
 import earlyexit
 import earlyexit.stream
+from earlyexit._head_folding import InferenceHead
 from earlyexit.cuda_graphs import (
     CudaGraphError,
     GraphedEarlyExit,
@@ -309,10 +310,22 @@ def test_weights_loaded_after_capture_are_folded_again_for_the_replay(pool, monk
     def replay(self, x):
         return self.conv._conv_forward(x, self._weight, self._bias)
 
+    def replay_head(self, x):
+        f = self._folded
+        pair = f.folded_conv
+        y = pair.conv._conv_forward(f.pool(x), pair._weight, pair._bias).relu_()
+        layout = not y.is_contiguous()
+        return f.tail(y, layout, f._matrices[layout], f._bias, f._certainty)
+
     monkeypatch.setattr(FoldedConvBN, "forward", replay)
+    monkeypatch.setattr(InferenceHead, "forward", replay_head)
+    assert all(isinstance(h, InferenceHead) for h in runner._steps.heads)
     other = earlyexit.convert(timm.create_model("resnet20", zero_init_last=False), n_exits=3)
     net.load_state_dict(other.state_dict())
     out = runner(pool[:8], threshold=2.0)
+    first = runner(pool[:8], threshold=0.0)  # every sample leaves at exit 0: head 0's logits
     with torch.no_grad():
-        expected = net.forward_all(pool[:8]).logits[-1]
-    torch.testing.assert_close(out.logits, expected, **TOL)
+        expected = net.forward_all(pool[:8]).logits
+    torch.testing.assert_close(out.logits, expected[-1], **TOL)
+    assert first.exit_index.tolist() == [0] * 8
+    torch.testing.assert_close(first.logits, expected[0], **TOL)
