@@ -97,10 +97,10 @@ class FoldedConvHead:
         return (head_conv, *head_conv, classifier, confidence) == self.stands_for
 
     def applies(self) -> bool:
-        """Whether the folded form may run now: no hooks, the norm in eval mode, known weights."""
+        """Whether the folded form may run now: no hooks, the norm in eval mode."""
         if _GLOBAL_PRE_HOOKS or _GLOBAL_HOOKS or self.folded_conv.bn.training:
             return False
-        return all(_plain(m) for m in self.stands_for) and self._linear_key() is not None
+        return all(_plain(m) for m in self.stands_for)
 
     def invalidate(self) -> None:
         """Fold again, into the same tensors, at the next use (whatever the version counters)."""
@@ -114,8 +114,9 @@ class FoldedConvHead:
         key = pair.source_key()
         if key is not None:
             pair.folded(key)
-        if self._shape is not None and self._linear_key() is not None:
-            self._linear(False, self._shape)
+        linear_key = self._linear_key()
+        if self._shape is not None and linear_key is not None:
+            self._linear(False, self._shape, linear_key)
 
     def _linear_key(self) -> tuple | None:
         cls, conf = self.classifier._parameters, self.confidence._parameters
@@ -125,11 +126,11 @@ class FoldedConvHead:
         return tuple(_tensor_key(t) for t in (*weights, cls.get("bias"), conf.get("bias")))
 
     def _linear(
-        self, channels_last: bool, shape: tuple[int, int, int]
+        self, channels_last: bool, shape: tuple[int, int, int], linear_key: tuple
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The merged matrix for a (C, H, W) map in that layout, its bias, and the certainty
         inputs' weights; made again when a source changed."""
-        key = (self._linear_key(), shape)
+        key = (linear_key, shape)
         self._shape = shape
         if key != self._key:
             matrices, bias, inputs_weight = self._fold_linear(shape)
@@ -164,15 +165,18 @@ class FoldedConvHead:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """`(class_logits, confidence_logit)` for `x` `(B, C, H, W)`, or None where the batch
-        norm cannot be folded now (then the caller runs the head's ops as written)."""
+        norm or the linear branches cannot be folded now (then the caller runs the head's ops
+        as written)."""
         pair = self.folded_conv
-        key = pair.source_key()
-        if key is None:
+        key, linear_key = pair.source_key(), self._linear_key()
+        if key is None or linear_key is None:
             return None
         weight, bias = pair.folded(key)
         y = pair.conv._conv_forward(self.pool(x), weight, bias).relu_()
         channels_last = not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)
-        matrix, linear_bias, certainty_weight = self._linear(channels_last, tuple(y.shape[1:]))
+        matrix, linear_bias, certainty_weight = self._linear(
+            channels_last, tuple(y.shape[1:]), linear_key
+        )
         return self.tail(y, channels_last, matrix, linear_bias, certainty_weight)
 
     def tail(
