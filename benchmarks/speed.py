@@ -58,7 +58,10 @@ running `early_exit` and printed; the mean cost in the efficiency is the achieve
 
 Timings are interleaved (every function takes a turn in each round, in a shuffled order); by
 default each function's fastest round is used (`--stat min`), since other processes only ever
-add time, or else the medians over rounds of the per-round ratios (`--stat median`). On a
+add time, or else the medians over rounds of the per-round ratios (`--stat median`). Under
+each row a line gives the overhead's and the efficiency's range and median over the rounds
+(`--show` prints it for saved results too): where one function had one lucky round, the
+ratio of fastest rounds moves by more than the per-round ratios do. On a
 shared machine, `--clock process` times this process's CPU time instead of the wall clock, and
 `--threads 1` avoids OpenMP threads spinning at barriers while a sibling thread is descheduled
 (or set `OMP_WAIT_POLICY=PASSIVE`). By default the allocator is left as a user has it
@@ -80,6 +83,7 @@ it writes one JSON per model into `--json-dir`.
     python benchmarks/speed.py --batch-sizes 256 --profile-stages
     python benchmarks/speed.py --preset issue --devices cuda --json-dir results/
     python benchmarks/speed.py --replot a.json b.json --plot speed.png   # draw saved results
+    python benchmarks/speed.py --show a.json b.json     # print saved results, rounds' spread
 """
 
 from __future__ import annotations
@@ -985,6 +989,44 @@ def format_methods(row: Row) -> list[str]:
     return lines
 
 
+def round_ratios(row: Row) -> dict[str, list[float]]:
+    """Per timing round of the row: the no-exit overhead (no_exit ÷ baseline) and the
+    efficiency of `early_exit`, the values whose medians `--stat median` reports. Rounds
+    that lack one of the times are left out."""
+    needed = ("no_exit", "early_exit", row.baseline)
+    rounds = [r for r in row.rounds if all(k in r for k in needed)]
+    return {
+        "overhead": [r["no_exit"] / r[row.baseline] for r in rounds],
+        "efficiency": [r["no_exit"] / r["early_exit"] * row.mean_cost / row.c_n for r in rounds],
+    }
+
+
+def format_rounds(row: Row) -> list[str]:
+    """The line printed under a row: how its overhead and efficiency spread over the rounds
+    (none for a row without rounds). A single process's ratio moves from round to round; a
+    target met by the row's figure and missed by most of its rounds is met by luck."""
+    ratios = round_ratios(row)
+    if not ratios["overhead"]:
+        return []
+    parts = [
+        f"{name} {min(values):.3f}-{max(values):.3f}, median {statistics.median(values):.3f}"
+        for name, values in ratios.items()
+    ]
+    text = f"Per round ({len(ratios['overhead'])}): {'; '.join(parts)}."
+    return textwrap.wrap(text, WIDTH, initial_indent="  ", subsequent_indent="    ")
+
+
+def show_saved(paths: Sequence[str]) -> None:
+    """Print saved `--json` results as a run prints them, each row with its rounds' spread."""
+    for path in paths:
+        rows = load_rows(path)
+        print(f"{Path(path).name}: {len(rows)} row{'s' * (len(rows) != 1)}")
+        for i, row in enumerate(rows):
+            print_table([row], header=i == 0)
+            for line in [*format_methods(row), *format_rounds(row)]:
+                print(line)
+
+
 def plot_results(series: dict[str, Sequence[dict]], path: str) -> None:
     """Efficiency and overhead against batch size, one line per labelled set of rows.
 
@@ -1244,6 +1286,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help="measure nothing: draw saved --json results into --plot",
     )
+    p.add_argument(
+        "--show",
+        nargs="+",
+        metavar="JSON",
+        help="measure nothing: print saved --json results, each row with how its overhead "
+        "and efficiency spread over its timing rounds",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -1311,7 +1360,7 @@ def run_model(
         for bs in args.batch_sizes:
             rows.append(measure(args, device, bs, shares, reference_cache))
             print_table(rows[-1:], header=len(rows) == 1)
-            for line in format_methods(rows[-1]):
+            for line in [*format_methods(rows[-1]), *format_rounds(rows[-1])]:
                 print(line)
             sys.stdout.flush()
         if args.profile_stages:
@@ -1359,6 +1408,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     global _clock
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.show:
+        show_saved(args.show)
+        return 0
     if args.replot:
         if not args.plot:
             parser.error("--replot needs --plot PNG, the image to write")

@@ -6,6 +6,8 @@ import functools
 import importlib
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -196,6 +198,33 @@ def test_speed_old_results_load_with_defaults_and_replot(script, tmp_path):
     png = tmp_path / "old.png"
     assert speed.main(["--replot", *map(str, saved), "--plot", str(png)]) == 0
     assert png.exists() and (tmp_path / "old-speedup.png").exists()
+
+
+def test_speed_show_prints_saved_rows_with_the_spread_of_their_rounds(script, tmp_path, capsys):
+    speed = script("speed")
+    name = "speed-cpu-2core-batch256-foldedheads-run1.json"
+    saved = json.loads((BENCHMARKS / "results" / name).read_text())
+    row = saved["rows"][0]
+    row["mean_cost"], row["c_n"], row["baseline"] = 0.5, 1.0, "original_folded"
+    # Overhead (no_exit ÷ baseline) 1.1, 0.9, 1.0; efficiency (no_exit ÷ early_exit) × 0.5
+    # 1.0, 0.8, 0.9.
+    rounds = [
+        {"original_folded": 1.0, "no_exit": 1.1, "early_exit": 0.55},
+        {"original_folded": 1.0, "no_exit": 0.9, "early_exit": 0.5625},
+        {"original_folded": 2.0, "no_exit": 2.0, "early_exit": 1 / 0.9},
+    ]
+    row["rounds"] = [*rounds, {"original_folded": 1.0}]  # one without the times: left out
+    path = tmp_path / "saved.json"
+    path.write_text(json.dumps(saved))
+    assert speed.main(["--show", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("saved.json: 1 row\n") and "original_folded*" in printed
+    expected = "overhead 0.900-1.100, median 1.000; efficiency 0.800-1.000, median 0.900."
+    assert f"Per round (3): {expected}" in printed
+    # The medians are what `--stat median` reports for the same rounds.
+    summary = speed.Summary(rounds, "median")
+    assert summary.ratio(speed.key("no_exit"), speed.key("original_folded")) == pytest.approx(1.0)
+    assert summary.ratio(speed.key("no_exit"), speed.key("early_exit")) * 0.5 == pytest.approx(0.9)
 
 
 def test_speed_preset_runs_each_model_with_its_settings(script, tmp_path, monkeypatch):
@@ -498,3 +527,34 @@ def test_recipe_plot_lays_out_many_settings_in_rows(script, tmp_path, monkeypatc
     recipe.plot(records, str(png))
     assert png.stat().st_size > 0
     assert shapes == [(2, recipe.PLOT_COLUMNS)]  # five panels: a second row, not one long strip
+
+
+def _gpu_check(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`benchmarks/gpu_check.sh` run from the repository root with this Python."""
+    environ = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), **env}
+    return subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_check.sh"), *args],
+        cwd=BENCHMARKS.parent,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the preflight's stop without CUDA")
+def test_gpu_check_preflight_stops_before_the_gpu_steps(tmp_path):
+    done = _gpu_check(tmp_path)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "converted resnet20: 2 exits" in done.stdout  # the project and fvcore import
+    assert "No CUDA device is visible" in done.stderr
+    assert "preflight failed: nothing else was run" in done.stdout
+    assert not (tmp_path / "out" / "pytest-gpu.txt").exists()
+    # A dependency that does not import stops it with a hint, before the CUDA check.
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['fvcore'] = None\n")
+    done = _gpu_check(tmp_path, PYTHONPATH=str(hide))
+    assert done.returncode == 3
+    assert "does not import" in done.stderr and "--prepare wheels" in done.stderr
+    assert "No CUDA device" not in done.stderr
