@@ -280,8 +280,8 @@ def print_table(summary: dict[str, dict]) -> None:
     for method, nobody in [*pairs, ("predict", "predict_no_exit")]:
         e, n = summary.get(method), summary.get(nobody)
         if e and n:
-            efficiency = n["median"] / e["median"] * e["mean_cost"] / e["c_n"]
-            print(f"efficiency of {method} (medians): {efficiency:.3f}")
+            saved = speed.efficiency(n["median"] / e["median"], e["mean_cost"], e["c_n"])
+            print(f"efficiency of {method} (medians): {saved:.3f}")
     for method, s in summary.items():
         if s["time_ideal"] is not None:
             share = s["time_ideal"] / s["median"]

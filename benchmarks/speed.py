@@ -303,6 +303,12 @@ def mac_ideal(mean_cost: float) -> float:
     return 1.0 / mean_cost
 
 
+def efficiency(no_exit_speedup: float, mean_cost: float, c_n: float) -> float:
+    """(no-exit time ÷ early-exit time) ÷ (c_N ÷ mean cost): the share of the MAC saving
+    that became time."""
+    return no_exit_speedup * mean_cost / c_n
+
+
 @dataclass
 class MethodResult:
     """One method's numbers in a row; times per sample, ratios against the row's baseline."""
@@ -852,7 +858,7 @@ def measure(
     histogram = torch.bincount(exit_index, minlength=net.num_exits + 1).tolist()
     mean_cost = float(costs[exit_index].mean())
     c_n = float(costs[-1])
-    efficiency = ratio(key("no_exit"), key("early_exit")) / (c_n / mean_cost)
+    saved = efficiency(ratio(key("no_exit"), key("early_exit")), mean_cost, c_n)
     overhead = ratio(key("no_exit"), key(baseline))
     results = compare_methods(summary, baseline, exits, costs, setup)
     notes += [
@@ -875,7 +881,7 @@ def measure(
         ms_per_sample_no_exit=1e3 * med["no_exit"],
         ms_per_sample_early_exit=1e3 * med["early_exit"],
         ms_per_sample_reference=None if ref_time is None else 1e3 * ref_time,
-        efficiency=efficiency,
+        efficiency=saved,
         overhead=overhead,
         micro_batch=micro,
         speedup_vs_reference=None if ref_time is None else ref_time / med["early_exit"],
@@ -997,7 +1003,9 @@ def round_ratios(row: Row) -> dict[str, list[float]]:
     rounds = [r for r in row.rounds if all(k in r for k in needed)]
     return {
         "overhead": [r["no_exit"] / r[row.baseline] for r in rounds],
-        "efficiency": [r["no_exit"] / r["early_exit"] * row.mean_cost / row.c_n for r in rounds],
+        "efficiency": [
+            efficiency(r["no_exit"] / r["early_exit"], row.mean_cost, row.c_n) for r in rounds
+        ],
     }
 
 
