@@ -3,17 +3,25 @@
 #   0. a preflight of a few seconds: the Python with PyTorch, the project importable with its
 #      dependencies (a small model converted on the CPU), and a CUDA device; it stops here,
 #      before any GPU time is spent on the rest, when one of them is missing;
-#   1. the GPU tests (`pytest -m gpu`: tests/test_cuda.py, CUDA graphs included, and the
-#      GPU tests of other files);
-#   2. the speed benchmark's CUDA configuration (ResNet-110, 10 pareto exits), eager, as JSON;
-#   3. the speed benchmark's `--preset issue` on CUDA: ResNet-110, resnet50 and
-#      deit_small_patch16_224, the original model as a CUDA graph against early_exit and
-#      predict, eager and with CUDA graphs; one JSON per model.
-# Results go to ${OUT:-gpu-results}/. Each step after the preflight runs even when one before it
-# fails, so that one GPU session gives all it can; the script then exits with the tests'
-# status, or else the benchmarks'.
+#   then the steps, in this order unless STEPS says otherwise (e.g. STEPS="preset"):
+#   tests:  the GPU tests (`pytest -m gpu`: tests/test_cuda.py, CUDA graphs included, and the
+#           GPU tests of other files), their output in pytest-gpu.txt;
+#   preset: the speed benchmark's `--preset issue`: ResNet-110, resnet50 and
+#           deit_small_patch16_224, the original model as a CUDA graph against early_exit and
+#           predict, eager and with CUDA graphs; speed-<model>.json as each model finishes;
+#   sweep:  the speed benchmark's earlier CUDA configuration (ResNet-110, 10 pareto exits,
+#           batches 1-256, eager early_exit against the original), speed-cuda-eager.json.
+# Results go to ${OUT:-gpu-results}/. Each step runs even when one before it failed, so that one
+# GPU session gives all it can; the script then exits with the tests' status, or else the
+# benchmarks'.
 #
 #   OUT=gpu-results bash benchmarks/gpu_check.sh
+#
+# GPU time is lent by the command, so no step may take the rest of it: each runs within a limit
+# (LIMIT_TESTS=180, LIMIT_PRESET=330, LIMIT_SWEEP=120 seconds) and all of them, preflight
+# included, within BUDGET=540 seconds; a step past its limit is stopped (with SIGINT, so that
+# pytest still reports what it ran), the next one runs, and the last line lists each step's
+# exit status and seconds. DEVICE=cpu runs the same steps on the CPU: a check of this script.
 #
 # The project runs from this checkout (it is put on PYTHONPATH; nothing is installed). A GPU
 # machine whose image has PyTorch, timm and the rest but cannot reach a package index often
@@ -39,6 +47,18 @@ if [ "${1:-}" = "--prepare" ]; then
 fi
 
 out="${OUT:-gpu-results}"
+steps="${STEPS:-tests preset sweep}"
+budget="${BUDGET:-540}"
+device="${DEVICE:-cuda}"
+for name in $steps; do
+    case "$name" in
+        tests | preset | sweep) ;;
+        *)
+            echo "Unknown step '$name' in STEPS. Hint: the steps are tests, preset and sweep." >&2
+            exit 2
+            ;;
+    esac
+done
 mkdir -p "$out"
 
 if [ -n "${WHEELS:-}" ]; then
@@ -49,8 +69,9 @@ if [ -n "${WHEELS:-}" ]; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-echo "== 0/3 preflight: $python"
-if ! "$python" - <<'EOF'
+echo "== preflight: $python"
+if ! DEVICE="$device" "$python" - <<'EOF'
+import os
 import sys
 
 try:
@@ -72,28 +93,68 @@ except ImportError as err:
     )
 print("earlyexit", earlyexit.__version__, "timm", timm.__version__, "- converted resnet20:",
       net.num_exits, "exits")
-if not torch.cuda.is_available():
-    sys.exit("No CUDA device is visible: the GPU checks need one.")
-print("device", torch.cuda.get_device_name())
+if os.environ["DEVICE"] == "cpu":
+    print("device cpu: the steps run on the CPU (a check of this script)")
+elif not torch.cuda.is_available():
+    sys.exit("No CUDA device is visible: the GPU checks need one. Hint: DEVICE=cpu runs the "
+             "steps on the CPU, to check the script.")
+else:
+    print("device", torch.cuda.get_device_name())
 EOF
 then
     echo "== preflight failed: nothing else was run"
     exit 3
 fi
 
-echo "== 1/3 GPU tests: pytest -m gpu -> $out/pytest-gpu.txt"
+step() {  # step NAME COMMAND...: run it within its limit and the budget left
+    local name="$1" cap left limit status=0 began
+    shift
+    case "$name" in
+        tests) cap="${LIMIT_TESTS:-180}" ;;
+        preset) cap="${LIMIT_PRESET:-330}" ;;
+        *) cap="${LIMIT_SWEEP:-120}" ;;
+    esac
+    left=$((budget - SECONDS))
+    limit=$((cap < left ? cap : left))
+    if [ "$limit" -lt 10 ]; then
+        echo "== $name: not run, ${left} s of the ${budget} s budget left"
+        summary+=("$name not-run")
+        return 124
+    fi
+    echo "== $name (at most $limit s): $(echo "$*" | tr -s ' ')"
+    began=$SECONDS
+    # SIGINT first, so that pytest still prints what it ran and a benchmark its traceback.
+    timeout --signal=INT --kill-after=20 "$limit" "$@" || status=$?
+    if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+        echo "== $name: stopped at its limit of $limit s (LIMIT_${name^^} raises it)"
+    fi
+    summary+=("$name exit-$status $((SECONDS - began))s")
+    return "$status"
+}
+
 tests=0
-"$python" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$out/pytest-gpu.txt" || tests=$?
-
-echo "== 2/3 speed benchmark on cuda, eager early_exit: resnet110, batches 1-256 -> $out/speed-cuda-eager.json"
 bench=0
-"$python" benchmarks/speed.py --model resnet110 --n-exits 10 --devices cuda \
-    --batch-sizes 1 4 16 64 256 --methods original early_exit \
-    --json "$out/speed-cuda-eager.json" || bench=$?
+summary=()
+for name in $steps; do
+    case "$name" in
+        tests)
+            step tests bash -c "set -o pipefail; \"$python\" -m pytest -m gpu -q \
+                -p no:cacheprovider tests 2>&1 | tee -i \"$out/pytest-gpu.txt\"" || tests=$?
+            ;;
+        preset)
+            # The issue's tables: the original as a CUDA graph against early_exit and predict,
+            # eager and with graphs; one JSON per model, written as each model finishes.
+            step preset "$python" benchmarks/speed.py --preset issue --devices "$device" \
+                --json-dir "$out" || { s=$?; [ "$bench" -ne 0 ] || bench=$s; }
+            ;;
+        sweep)
+            step sweep "$python" benchmarks/speed.py --model resnet110 --n-exits 10 \
+                --devices "$device" --batch-sizes 1 4 16 64 256 --methods original early_exit \
+                --json "$out/speed-$device-eager.json" || { s=$?; [ "$bench" -ne 0 ] || bench=$s; }
+            ;;
+    esac
+done
 
-echo "== 3/3 speed benchmark on cuda, --preset issue (graphs and predict) -> $out/speed-<model>.json"
-"$python" benchmarks/speed.py --preset issue --devices cuda --json-dir "$out" || bench=$?
-
-echo "== done: tests exit status $tests, benchmarks $bench; results in $out/"
+echo "== done in $SECONDS s: ${summary[*]}; results in $out/"
 if [ "$tests" -ne 0 ]; then exit "$tests"; fi
 exit "$bench"

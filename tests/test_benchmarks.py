@@ -558,3 +558,24 @@ def test_gpu_check_preflight_stops_before_the_gpu_steps(tmp_path):
     assert done.returncode == 3
     assert "does not import" in done.stderr and "--prepare wheels" in done.stderr
     assert "No CUDA device" not in done.stderr
+
+
+def test_gpu_check_steps_run_in_order_each_within_its_limit(tmp_path):
+    # DEVICE=cpu runs the GPU machine's steps here: a step past its limit is stopped and the
+    # next one still runs; the exit status says a benchmark did not finish.
+    done = _gpu_check(tmp_path, DEVICE="cpu", STEPS="sweep tests", LIMIT_SWEEP="10")
+    assert done.returncode == 124, done.stdout + done.stderr
+    assert "device cpu" in done.stdout
+    assert "== sweep: stopped at its limit of 10 s" in done.stdout
+    assert done.stdout.index("== sweep (at most 10 s)") < done.stdout.index("== tests")
+    assert "sweep exit-124" in done.stdout and "tests exit-0" in done.stdout
+    assert "skipped" in (tmp_path / "out" / "pytest-gpu.txt").read_text()  # no CUDA here
+    assert not list((tmp_path / "out").glob("*.json"))  # the stopped sweep wrote nothing
+    # No budget left after the preflight: nothing runs, and that is not a success.
+    done = _gpu_check(tmp_path, DEVICE="cpu", STEPS="preset", BUDGET="0")
+    assert done.returncode == 124
+    assert "== preset: not run" in done.stdout
+    # A step that does not exist stops it before anything runs.
+    done = _gpu_check(tmp_path, STEPS="tests bench")
+    assert done.returncode == 2
+    assert "Unknown step 'bench'" in done.stderr and "preflight" not in done.stdout
