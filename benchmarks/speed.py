@@ -394,16 +394,40 @@ CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 _clock = CLOCKS["wall"]
 
 
+def device_clock(device: torch.device) -> Callable[[], float]:
+    """The clock (`--clock`), read after the device has finished the work queued on it.
+
+    On CUDA a call returns once its kernels are queued; a clock that does not wait for them
+    times the launches, not the work (`Timer`'s own default clock waits; one passed to it
+    does not, so it has to).
+    """
+    clock = _clock
+    if device.type != "cuda":
+        return clock
+
+    def synchronized() -> float:
+        torch.cuda.synchronize(device)
+        return clock()
+
+    return synchronized
+
+
 def timed(fn: Callable[[], object], threads: int, device: torch.device) -> float:
-    """Seconds for one call of `fn`, with the Timer's synchronisation and thread setting."""
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, timer=_clock)
+    """Seconds for one call of `fn` (after `Timer`'s two untimed calls), its work on the
+    device included, under the thread setting."""
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, timer=device_clock(device))
     return timer.timeit(1).median
 
 
-def warm_up(fn: Callable[[], object], seconds: float = 0.0) -> None:
+def warm_up(
+    fn: Callable[[], object], seconds: float = 0.0, device: torch.device | None = None
+) -> None:
+    """Call `fn` once, then again until `seconds` more have passed, each time until its work
+    on `device` is done."""
+    clock = device_clock(device or torch.device("cpu"))
     fn()
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    start = clock()
+    while clock() - start < seconds:
         fn()
 
 
@@ -834,7 +858,7 @@ def measure(
         # The reference runs sample by sample: its speed does not depend on the batch size.
         reference = run(lambda b: reference_early_exit(stages, heads, b, net.threshold))
     for fn in fns.values():
-        warm_up(fn, args.warmup)
+        warm_up(fn, args.warmup, device)
     rounds = []
     order = random.Random(args.seed)
     for _ in range(args.rounds):
@@ -847,7 +871,7 @@ def measure(
         candidates = [m for m in CPU_BASELINES if m in fns]
         baseline = min(candidates, key=lambda m: summary.times[m])
     if reference is not None:
-        warm_up(reference)
+        warm_up(reference, device=device)
         reference_cache[str(device)] = summary.pick(
             timed(reference, args.threads, device) / samples for _ in range(args.rounds)
         )

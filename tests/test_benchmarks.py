@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from unittest import mock
@@ -128,6 +129,30 @@ def test_speed_new_methods_fill_rows_and_skip_graphs_on_cpu(script, tmp_path, ca
     assert png.exists() and (tmp_path / "speed-speedup.png").read_bytes()[:4] == b"\x89PNG"
     (loaded,) = speed.load_rows(saved)
     assert isinstance(loaded.methods["predict"], speed.MethodResult)
+
+
+def test_speed_times_the_work_queued_on_a_cuda_device_not_its_launch(script, monkeypatch):
+    # A stand-in device: each call queues 50 ms of work and returns at once, as a CUDA call
+    # returns once its kernels are launched; synchronising waits for what is queued.
+    speed = script("speed")
+    queued = []
+
+    def launch() -> None:
+        queued.append(0.05)
+
+    def synchronize(device=None) -> None:
+        while queued:
+            time.sleep(queued.pop())
+
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    cuda = torch.device("cuda")
+    seconds = speed.timed(launch, 1, cuda)
+    # The timed call's work counts; that of `Timer`'s two untimed calls before it does not.
+    assert 0.05 <= seconds < 0.1, seconds
+    assert speed.timed(launch, 1, torch.device("cpu")) < 0.01  # no device to wait for on CPU
+    queued.clear()
+    speed.warm_up(launch, 0.0, cuda)
+    assert not queued  # warm-up leaves no work behind to be timed with the next function
 
 
 def test_speed_micro_batches_join_the_baselines(script, capsys):
