@@ -107,6 +107,10 @@ class FoldedConvHead:
         self._key = None
         self.folded_conv.invalidate()
 
+    def invalidated(self) -> bool:
+        """Whether it folds again at the next use whatever the version counters say."""
+        return self._key is None or self.folded_conv.invalidated()
+
     def refresh(self) -> None:
         """Fold again now, into the same tensors, where a source changed since the last use:
         for a captured CUDA graph, which replays the ops without these checks."""
@@ -226,6 +230,10 @@ class InferenceHead(nn.Module):
         """Fold again at the next use (`EarlyExitNet.train` calls it at every mode switch)."""
         if self._folded is not None:
             self._folded.invalidate()
+
+    def invalidated(self) -> bool:
+        """Whether its folded form folds again at the next use (see `FoldedConvHead`)."""
+        return self._folded is not None and self._folded.invalidated()
 
     def refresh(self) -> None:
         """Fold again now where a source changed (see `FoldedConvHead.refresh`)."""

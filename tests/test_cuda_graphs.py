@@ -288,6 +288,12 @@ def test_batch_statistics_are_refused():
         _eager(net, 4)
 
 
+def test_a_compiled_net_is_refused_before_any_capture():
+    net = _toy().compile()
+    with pytest.raises(CudaGraphError, match=r"compiled.*Hint: capture a net that is not"):
+        _eager(net, 4)
+
+
 def test_moved_parameters_are_refused():
     net = _toy()
     runner = _eager(net, 4)
@@ -296,6 +302,63 @@ def test_moved_parameters_are_refused():
     net.double()
     with pytest.raises(CudaGraphError, match=r"parameters moved.*Hint: capture again"):
         runner(x.double())
+
+
+def test_the_first_buffer_is_in_the_layout_the_convolutions_run_in(pool, alone):
+    net = spread_resnet20(pool)
+    assert _eager(net, 4)._steps.inputs[0].is_contiguous()
+    net = net.to(memory_format=torch.channels_last)
+    runner = _eager(net, 4)
+    buffer = runner._steps.inputs[0]
+    assert not buffer.is_contiguous()
+    assert buffer.is_contiguous(memory_format=torch.channels_last)
+    _check(runner(pool[:7]), alone, slice(0, 7))
+
+
+def test_one_replaced_tensor_is_refused_and_nothing_is_lost():
+    net = _toy()
+    runner = _eager(net, 4)
+    x = torch.randn(3, 3, 16, 16)
+    before = runner(x)
+    weight = net.heads[0].classifier.weight
+    weight.data = weight.data.clone()  # the same values, in other memory
+    with pytest.raises(CudaGraphError, match=r"a tensor replaced.*Hint: capture again"):
+        runner(x)
+    again = _eager(net, 4)(x)
+    torch.testing.assert_close(again.logits, before.logits, rtol=0, atol=0)
+
+
+def test_calls_fold_again_only_after_a_change(pool, monkeypatch):
+    """Each call checks the net's tensors at once; the folded pairs are asked only when one
+    changed in place, or `net.train()` told them to fold again."""
+    torch.manual_seed(0)
+    net = earlyexit.convert(timm.create_model("resnet20", zero_init_last=False), n_exits=3).eval()
+    runner = _eager(net, 8)
+    asked = []
+    source_key = FoldedConvBN.source_key
+    monkeypatch.setattr(
+        FoldedConvBN, "source_key", lambda self: asked.append(self) or source_key(self)
+    )
+    x = pool[:8]
+    runner(x)
+    asked.clear()
+    runner._prepare()
+    assert asked == []  # nothing changed: no pair is asked
+    other = earlyexit.convert(timm.create_model("resnet20", zero_init_last=False), n_exits=3)
+    net.load_state_dict(other.state_dict())  # in place: the version counters move
+    runner._prepare()
+    assert len(asked) >= len(runner._steps.folded)
+    # An edit through `.data` moves no counter; a switch of mode folds again anyway.
+    with torch.no_grad():
+        runner._steps.folded[1].conv.weight.data.mul_(2.0)
+    net.train().eval()
+    asked.clear()
+    runner._prepare()
+    assert asked
+    out = runner(x, threshold=2.0)
+    with torch.no_grad():
+        expected = net.forward_all(x).logits[-1]
+    torch.testing.assert_close(out.logits, expected, **TOL)
 
 
 def test_weights_loaded_after_capture_are_folded_again_for_the_replay(pool, monkeypatch):

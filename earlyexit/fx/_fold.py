@@ -107,6 +107,10 @@ class FoldedConvBN(nn.Module):
         """Fold again, into the same tensors, at the next use (whatever the version counters)."""
         self._key = None
 
+    def invalidated(self) -> bool:
+        """Whether it folds again at the next use whatever the version counters say."""
+        return self._key is None
+
     def folded(self, key: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The folded weight and bias, made again (in the same tensors) if a source changed.
 
