@@ -78,6 +78,7 @@ class Pipeline:
         self.queues = [Queue() for _ in stages]
         self.done: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # ids, logits, exit
         self.dtype: torch.dtype | None = None  # of exit 0's logits, as in `early_exit`
+        self.copying: set[torch.device] = set()  # GPUs whose results are still being copied
 
     def push(self, x: torch.Tensor, ids: torch.Tensor) -> None:
         """Queue new inputs for stage 0 and run every stage that has a full batch."""
@@ -117,10 +118,24 @@ class Pipeline:
 
     def _finish(self, ids: torch.Tensor, logits: torch.Tensor, exit_index: int) -> None:
         if ids.numel():
-            self.done.append((ids.cpu(), logits.cpu(), exit_index))
+            # From a GPU, into pinned memory without waiting (a wait at every exit would leave
+            # the GPU idle while the host catches up); `result` waits once for all of them.
+            if ids.is_cuda:
+                self.copying.add(ids.device)
+            copies = (t.to("cpu", non_blocking=True) for t in (ids, logits))
+            self.done.append((*copies, exit_index))
+
+    def _wait_for_copies(self) -> None:
+        """Wait until the copies `_finish` started have landed (no other work is waited for)."""
+        for device in self.copying:
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(device))
+            copied.synchronize()
+        self.copying.clear()
 
     def result(self, count: int, costs: torch.Tensor, num_classes: int) -> EarlyExitResult:
         """The results of samples `0 .. count-1`, in that order, on the CPU."""
+        self._wait_for_copies()
         logits = torch.empty((count, num_classes), dtype=self.dtype or torch.get_default_dtype())
         exit_index = torch.empty(count, dtype=torch.long)
         finished = sum(ids.numel() for ids, _, _ in self.done)

@@ -188,7 +188,7 @@ def _predict_shard(
                     targets.append(y[mine].cpu())
                 ids = torch.arange(count, count + x.shape[0], device=device)
                 count += x.shape[0]
-                pipeline.push(x.to(device), ids)
+                pipeline.push(x.to(device, non_blocking=True), ids)
             if pipeline is None:
                 raise ValueError(
                     "Expected `data` to hold at least one sample, got none. Hint: check the "

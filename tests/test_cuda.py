@@ -270,6 +270,26 @@ def test_cuda_predict_with_graphs_keeps_the_order(monkeypatch):
     _assert_same(graphed.result, eager.result, clear)
 
 
+def test_cuda_predict_with_graphs_waits_only_for_the_counts(monkeypatch):
+    # Inputs already on the GPU: the host waits once per step, for the number of samples that
+    # stay, and once at the end for the results' copies; no other synchronisation.
+    net, x = _net(batch=72)
+    graphed = earlyexit.capture_cuda_graphs(net, 16)
+    batches = list(x.split(12))
+    eager = earlyexit.predict(net, batches, batch_size=16, progress=False)
+    reads = _count_calls(monkeypatch, type(graphed._steps), "read")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = earlyexit.predict(net, batches, batch_size=16, progress=False, cuda_graphs=graphed)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert reads  # one per exit step run
+    with torch.no_grad():
+        clear = _clear(net, x, net.threshold).cpu()
+    _assert_same(out.result, eager.result, clear)
+
+
 def test_cuda_predict_with_graphs_from_a_pinning_data_loader():
     # predict captures while the loader's pin-memory thread allocates pinned memory: the
     # capture is thread-local, so that thread's CUDA calls do not invalidate it.
