@@ -8,9 +8,10 @@
 #           GPU tests of other files), their output in pytest-gpu.txt;
 #   preset: the speed benchmark's `--preset issue`: ResNet-110, resnet50 and
 #           deit_small_patch16_224, the original model as a CUDA graph against early_exit and
-#           predict, eager and with CUDA graphs; speed-<model>.json as each model finishes;
+#           predict, eager and with CUDA graphs; speed-<model>.json, written row by row;
 #   sweep:  the speed benchmark's earlier CUDA configuration (ResNet-110, 10 pareto exits,
-#           batches 1-256, eager early_exit against the original), speed-cuda-eager.json.
+#           batches 1-256, eager early_exit against the original), speed-cuda-eager.json,
+#           row by row (a run stopped at its limit keeps the batch sizes it finished).
 # Results go to ${OUT:-gpu-results}/. Each step runs even when one before it failed, so that one
 # GPU session gives all it can; the script then exits with the tests' status, or else the
 # benchmarks'.
@@ -143,7 +144,7 @@ for name in $steps; do
             ;;
         preset)
             # The issue's tables: the original as a CUDA graph against early_exit and predict,
-            # eager and with graphs; one JSON per model, written as each model finishes.
+            # eager and with graphs; one JSON per model, written row by row.
             step preset "$python" benchmarks/speed.py --preset issue --devices "$device" \
                 --json-dir "$out" || { s=$?; [ "$bench" -ne 0 ] || bench=$s; }
             ;;

@@ -76,7 +76,8 @@ methods share this process's allocator state (`fresh.py` times each alone).
 `deit_small_patch16_224` (224×224, 4 pareto exits each), uniform pattern, at batch 16 on CPU
 (fp32) and on CUDA at 256 (ResNet-110) or 64 (the others) with bfloat16 autocast, the CNNs
 channels_last on both (their faster layout there; the ViT has no convolutions to speak of);
-it writes one JSON per model into `--json-dir`.
+it writes one JSON per model into `--json-dir`. A JSON is written again after each row, with
+`"complete": false` until the run's last row is in, so a run stopped early keeps its rows.
 
     python benchmarks/speed.py --model resnet110 --n-exits 10 --batch-sizes 256 --threads 2
     python benchmarks/speed.py --batch-sizes 1 4 16 64 256 --pattern uniform --json speed.json
@@ -1373,6 +1374,36 @@ def describe(args: argparse.Namespace, device: torch.device) -> str:
     return textwrap.fill(text, WIDTH, subsequent_indent="  ")
 
 
+def gpu_name(runs: Sequence[tuple[torch.device, argparse.Namespace]]) -> str | None:
+    return torch.cuda.get_device_name() if any(d.type == "cuda" for d, _ in runs) else None
+
+
+def save_json(
+    path: str,
+    runs: Sequence[tuple[torch.device, argparse.Namespace]],
+    rows: Sequence[Row],
+    profiles: dict[str, list[dict]],
+    extra: dict | None,
+    complete: bool,
+) -> None:
+    """Write the rows so far; `complete` is false until every row of the run is in."""
+    args = runs[0][1]
+    payload = {
+        "args": {k: v for k, v in vars(args).items() if k != "json"},
+        "torch": torch.__version__,
+        "cores": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "gpu": gpu_name(runs),
+        "complete": complete,
+        "rows": [asdict(r) for r in rows],
+        "stage_profiles": profiles,
+        **(extra or {}),
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+
+
 def run_model(
     runs: Sequence[tuple[torch.device, argparse.Namespace]],
     json_path: str | None,
@@ -1391,6 +1422,8 @@ def run_model(
         shares = pattern_shares(args.pattern, args.n_exits)
         for bs in args.batch_sizes:
             rows.append(measure(args, device, bs, shares, reference_cache))
+            if json_path:  # each row as it comes: a run stopped early keeps what it measured
+                save_json(json_path, runs, rows, profiles, payload_extra, complete=False)
             print_table(rows[-1:], header=len(rows) == 1)
             for line in [*format_methods(rows[-1]), *format_rounds(rows[-1])]:
                 print(line)
@@ -1412,22 +1445,9 @@ def run_model(
     if rows:
         print(f"\nexit histogram (last row): {rows[-1].exit_histogram}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
-    gpu = torch.cuda.get_device_name() if any(d.type == "cuda" for d, _ in runs) else None
+    gpu = gpu_name(runs)
     if json_path:
-        args = runs[0][1]
-        payload = {
-            "args": {k: v for k, v in vars(args).items() if k != "json"},
-            "torch": torch.__version__,
-            "cores": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "gpu": gpu,
-            "rows": [asdict(r) for r in rows],
-            "stage_profiles": profiles,
-            **(payload_extra or {}),
-        }
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump(payload, f, indent=2)
+        save_json(json_path, runs, rows, profiles, payload_extra, complete=True)
         print(f"wrote {json_path}")
     if plot_path and rows:
         series = group_rows([asdict(r) for r in rows], gpu)

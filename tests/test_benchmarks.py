@@ -105,7 +105,9 @@ def test_speed_new_methods_fill_rows_and_skip_graphs_on_cpu(script, tmp_path, ca
     printed = capsys.readouterr().out
     assert "early_exit_graphs and predict_graphs skipped: CUDA graphs need a CUDA device" in printed
     assert max(map(len, printed.splitlines())) <= 100, printed
-    (row,) = json.loads(saved.read_text())["rows"]
+    payload = json.loads(saved.read_text())
+    (row,) = payload["rows"]
+    assert payload["complete"] is True
     assert row["efficiency"] > 0 and row["overhead"] > 0 and row["speedup_vs_reference"] > 0
     assert row["baseline"] in ("original_folded", "original") and row["stage_timing"] == "eager"
     assert list(row["methods"]) == ["original_folded", "original", "early_exit", "predict"]
@@ -129,6 +131,27 @@ def test_speed_new_methods_fill_rows_and_skip_graphs_on_cpu(script, tmp_path, ca
     assert png.exists() and (tmp_path / "speed-speedup.png").read_bytes()[:4] == b"\x89PNG"
     (loaded,) = speed.load_rows(saved)
     assert isinstance(loaded.methods["predict"], speed.MethodResult)
+
+
+def test_speed_a_run_stopped_early_keeps_the_rows_it_measured(script, tmp_path, monkeypatch):
+    speed = script("speed")
+    measure = speed.measure
+
+    def stopped_at_the_second_row(args, device, batch_size, *rest):
+        if batch_size == 2:
+            raise KeyboardInterrupt  # as the GPU check's time limit stops a run
+        return measure(args, device, batch_size, *rest)
+
+    monkeypatch.setattr(speed, "measure", stopped_at_the_second_row)
+    saved = tmp_path / "speed.json"
+    argv = [*TINY, "--devices", "cpu", "--batch-sizes", "4", "2", "--samples", "8"]
+    with pytest.raises(KeyboardInterrupt):
+        speed.main([*argv, "--methods", "original", "early_exit", "--json", str(saved)])
+    payload = json.loads(saved.read_text())
+    assert payload["complete"] is False
+    assert [row["batch_size"] for row in payload["rows"]] == [4]
+    (row,) = speed.load_rows(saved)
+    assert row.overhead > 0
 
 
 def test_speed_times_the_work_queued_on_a_cuda_device_not_its_launch(script, monkeypatch):
