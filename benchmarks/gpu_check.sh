@@ -10,8 +10,9 @@
 #           deit_small_patch16_224, the original model as a CUDA graph against early_exit and
 #           predict, eager and with CUDA graphs; speed-<model>.json, written row by row;
 #   sweep:  the speed benchmark's earlier CUDA configuration (ResNet-110, 10 pareto exits,
-#           batches 1-256, eager early_exit against the original), speed-cuda-eager.json,
-#           row by row (a run stopped at its limit keeps the batch sizes it finished).
+#           batches 256 down to 1, eager early_exit against the original),
+#           speed-cuda-eager.json, row by row (a run stopped at its limit keeps the batch
+#           sizes it finished).
 # Results go to ${OUT:-gpu-results}/. Each step runs even when one before it failed, so that one
 # GPU session gives all it can; the script then exits with the tests' status, or else the
 # benchmarks'.
@@ -150,7 +151,7 @@ for name in $steps; do
             ;;
         sweep)
             step sweep "$python" benchmarks/speed.py --model resnet110 --n-exits 10 \
-                --devices "$device" --batch-sizes 1 4 16 64 256 --methods original early_exit \
+                --devices "$device" --batch-sizes 256 64 16 4 1 --methods original early_exit \
                 --json "$out/speed-$device-eager.json" || { s=$?; [ "$bench" -ne 0 ] || bench=$s; }
             ;;
     esac
