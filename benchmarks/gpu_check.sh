@@ -30,7 +30,7 @@
 # lacks fvcore and the pure-Python packages it needs. Make wheels of them first, on a machine
 # that can reach one, and bring the folder along:
 #
-#   bash benchmarks/gpu_check.sh --prepare wheels              # fvcore, iopath, yacs, termcolor
+#   bash benchmarks/gpu_check.sh --prepare wheels   # fvcore and its needs, pytest and plugins
 #   WHEELS=wheels OUT=gpu-results bash benchmarks/gpu_check.sh
 #
 # WHEELS installs every wheel in that folder into a temporary folder put on PYTHONPATH (no
@@ -42,7 +42,9 @@ python="${PYTHON:-$(command -v python3 || command -v python || echo python3)}"
 
 if [ "${1:-}" = "--prepare" ]; then
     dir="${2:?usage: bash benchmarks/gpu_check.sh --prepare DIR}"
-    "$python" -m pip wheel -q --no-deps fvcore iopath yacs termcolor -w "$dir"
+    # fvcore and what it imports, then what the tests import (pytest and its plugins).
+    "$python" -m pip wheel -q --no-deps -w "$dir" fvcore iopath yacs termcolor portalocker \
+        tabulate pytest pluggy iniconfig hypothesis sortedcontainers attrs pytest-timeout
     echo "== wheels for an offline GPU machine in $dir/:"
     ls "$dir"
     exit 0
@@ -72,7 +74,8 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 echo "== preflight: $python"
-if ! DEVICE="$device" "$python" - <<'EOF'
+case " $steps " in *" tests "*) with_tests=1 ;; *) with_tests=0 ;; esac
+if ! DEVICE="$device" WITH_TESTS="$with_tests" "$python" - <<'EOF'
 import os
 import sys
 
@@ -95,6 +98,18 @@ except ImportError as err:
     )
 print("earlyexit", earlyexit.__version__, "timm", timm.__version__, "- converted resnet20:",
       net.num_exits, "exits")
+if os.environ["WITH_TESTS"] == "1":
+    try:  # what the test files import, and the plugin of their `timeout` marker
+        import hypothesis
+        import pytest
+        import pytest_timeout
+    except ImportError as err:
+        sys.exit(
+            f"The tests step needs pytest, hypothesis and pytest-timeout: {err}. Hint: "
+            "`bash benchmarks/gpu_check.sh --prepare wheels` makes wheels of them too; or "
+            "STEPS='preset sweep' runs the benchmarks alone."
+        )
+    print("pytest", pytest.__version__, "hypothesis", hypothesis.__version__)
 if os.environ["DEVICE"] == "cpu":
     print("device cpu: the steps run on the CPU (a check of this script)")
 elif not torch.cuda.is_available():
@@ -140,8 +155,10 @@ summary=()
 for name in $steps; do
     case "$name" in
         tests)
+            # A file that fails to import is reported, and the other files still run.
             step tests bash -c "set -o pipefail; \"$python\" -m pytest -m gpu -q \
-                -p no:cacheprovider tests 2>&1 | tee -i \"$out/pytest-gpu.txt\"" || tests=$?
+                -p no:cacheprovider --continue-on-collection-errors tests 2>&1 \
+                | tee -i \"$out/pytest-gpu.txt\"" || tests=$?
             ;;
         preset)
             # The issue's tables: the original as a CUDA graph against early_exit and predict,

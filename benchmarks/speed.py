@@ -1386,7 +1386,10 @@ def save_json(
     extra: dict | None,
     complete: bool,
 ) -> None:
-    """Write the rows so far; `complete` is false until every row of the run is in."""
+    """Write the rows so far; `complete` is false until every row of the run is in.
+
+    The file is replaced whole (written beside it, then renamed), so a run stopped while it
+    writes keeps the rows of the last write."""
     args = runs[0][1]
     payload = {
         "args": {k: v for k, v in vars(args).items() if k != "json"},
@@ -1400,8 +1403,10 @@ def save_json(
         **(extra or {}),
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
         json.dump(payload, f, indent=2)
+    os.replace(partial, path)
 
 
 def run_model(

@@ -78,7 +78,8 @@ class Pipeline:
         self.queues = [Queue() for _ in stages]
         self.done: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # ids, logits, exit
         self.dtype: torch.dtype | None = None  # of exit 0's logits, as in `early_exit`
-        self.copying: set[torch.device] = set()  # GPUs whose results are still being copied
+        # The CUDA streams that copies of results to the host were queued on, not yet waited for.
+        self.copying: set[torch.cuda.Stream] = set()
 
     def push(self, x: torch.Tensor, ids: torch.Tensor) -> None:
         """Queue new inputs for stage 0 and run every stage that has a full batch."""
@@ -118,23 +119,28 @@ class Pipeline:
 
     def _finish(self, ids: torch.Tensor, logits: torch.Tensor, exit_index: int) -> None:
         if ids.numel():
-            # From a GPU, into pinned memory without waiting (a wait at every exit would leave
-            # the GPU idle while the host catches up); `result` waits once for all of them.
-            if ids.is_cuda:
-                self.copying.add(ids.device)
-            copies = (t.to("cpu", non_blocking=True) for t in (ids, logits))
-            self.done.append((*copies, exit_index))
+            self.done.append((self._to_host(ids), self._to_host(logits), exit_index))
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` on the CPU. From a GPU, into pinned memory without waiting (a wait at every exit
+        would leave the GPU idle while the host catches up); `result` waits once for all of
+        them, on the stream each copy was queued on."""
+        if not t.is_cuda:
+            return t.cpu()
+        self.copying.add(torch.cuda.current_stream(t.device))
+        return t.to("cpu", non_blocking=True)
 
     def _wait_for_copies(self) -> None:
-        """Wait until the copies `_finish` started have landed (no other work is waited for)."""
-        for device in self.copying:
+        """Wait until the copies `_to_host` started have landed (no other work is waited for)."""
+        for stream in self.copying:
             copied = torch.cuda.Event()
-            copied.record(torch.cuda.current_stream(device))
+            copied.record(stream)
             copied.synchronize()
         self.copying.clear()
 
     def result(self, count: int, costs: torch.Tensor, num_classes: int) -> EarlyExitResult:
         """The results of samples `0 .. count-1`, in that order, on the CPU."""
+        costs = self._to_host(costs)  # a buffer of the net: on its device
         self._wait_for_copies()
         logits = torch.empty((count, num_classes), dtype=self.dtype or torch.get_default_dtype())
         exit_index = torch.empty(count, dtype=torch.long)
@@ -147,7 +153,7 @@ class Pipeline:
             logits.index_copy_(0, ids, torch.cat([z.to(logits.dtype) for z in parts]))
             indices = [torch.full((z.shape[0],), i) for z, i in zip(parts, exits)]
             exit_index.index_copy_(0, ids, torch.cat(indices))
-        return EarlyExitResult(logits, exit_index, costs.cpu()[exit_index])
+        return EarlyExitResult(logits, exit_index, costs[exit_index])
 
 
 def run_micro_batches(

@@ -152,6 +152,31 @@ def test_speed_a_run_stopped_early_keeps_the_rows_it_measured(script, tmp_path, 
     assert [row["batch_size"] for row in payload["rows"]] == [4]
     (row,) = speed.load_rows(saved)
     assert row.overhead > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["speed.json"]
+
+
+def test_speed_a_run_stopped_while_it_writes_keeps_the_last_write(script, tmp_path, monkeypatch):
+    speed = script("speed")
+    dump = json.dump
+    writes = []
+
+    def stopped_in_the_second_write(payload, f, **kwargs):
+        writes.append(len(payload["rows"]))
+        if len(writes) == 2:
+            f.write('{"rows": [')  # half a file, as a write cut short leaves it
+            raise KeyboardInterrupt
+        return dump(payload, f, **kwargs)
+
+    monkeypatch.setattr(speed.json, "dump", stopped_in_the_second_write)
+    saved = tmp_path / "speed.json"
+    argv = [*TINY, "--devices", "cpu", "--batch-sizes", "4", "2", "--samples", "8"]
+    with pytest.raises(KeyboardInterrupt):
+        speed.main([*argv, "--methods", "original", "early_exit", "--json", str(saved)])
+    assert writes == [1, 2]
+    monkeypatch.setattr(speed.json, "dump", dump)
+    payload = json.loads(saved.read_text())
+    assert payload["complete"] is False
+    assert [row["batch_size"] for row in payload["rows"]] == [4]
 
 
 def test_speed_times_the_work_queued_on_a_cuda_device_not_its_launch(script, monkeypatch):
@@ -606,6 +631,14 @@ def test_gpu_check_preflight_stops_before_the_gpu_steps(tmp_path):
     assert done.returncode == 3
     assert "does not import" in done.stderr and "--prepare wheels" in done.stderr
     assert "No CUDA device" not in done.stderr
+    # Without a test dependency it stops when the tests step is to run, and only then.
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['hypothesis'] = None\n")
+    done = _gpu_check(tmp_path, PYTHONPATH=str(hide))
+    assert done.returncode == 3
+    assert "tests step needs pytest, hypothesis" in done.stderr and "STEPS=" in done.stderr
+    done = _gpu_check(tmp_path, PYTHONPATH=str(hide), STEPS="preset sweep")
+    assert done.returncode == 3
+    assert "No CUDA device is visible" in done.stderr and "tests step" not in done.stderr
 
 
 def test_gpu_check_steps_run_in_order_each_within_its_limit(tmp_path):
