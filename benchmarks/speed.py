@@ -47,10 +47,12 @@ the closer predict gets to full batches everywhere.
 
 How the pattern is made. The backbone and heads are untrained, so confidences mean nothing; the
 pattern is forced instead. On a fixed set of random inputs (`--samples`, default 256, split into
-batches of each size), `forward_all` gives every exit's confidence logit a_i. Each confidence
-branch is rescaled to unit spread, then its bias is set so that, of the samples still running
-at exit i, exactly the chosen number have a_i >= 0 (h_i >= 0.5 = T): the bias goes midway
-between the two logits that separate leavers from stayers. The confidences stay a function of
+batches of each size), `forward_all` gives every confidence branch's inputs. Each branch gets
+seeded random weights along which those inputs vary (orthogonal to their mean, so that no large
+offset cancels in half precision), scaled to a unit spread of its logit a_i, then its bias is
+set so that, of the samples still running at exit i, exactly the chosen number have a_i >= 0
+(h_i >= 0.5 = T): the bias goes midway between the two logits that separate leavers from
+stayers. The confidences stay a function of
 the input, so which samples leave is decided by the data, as in a trained net, and the mix of
 exits inside each batch is as random as the inputs. The achieved histogram is measured by
 running `early_exit` and printed; the mean cost in the efficiency is the achieved one (with
@@ -204,28 +206,55 @@ def force_pattern(
 ) -> None:
     """Set the confidence branches so that `counts[i]` samples of `x` leave at exit i (T=0.5).
 
-    `chunk`: run `forward_all` on this many samples at a time (all at once when None).
+    Each confidence branch gets seeded random weights along which the samples' inputs to it
+    vary, orthogonal to their mean: untrained heads see nearly the same features for every
+    sample (most of all a ViT's, averaged over its tokens), so a branch that read the mean
+    would add a large offset and cancel it with its bias, and in half precision that
+    cancellation leaves most samples tied. `counts` holds exactly in float32; in half
+    precision, where samples can still tie, about (the run reports the exits it measured).
+
+    `chunk`: run `forward_all` on this many samples at a time (all at once when None). Run the
+    net afterwards in an autocast region of its own: a region keeps the casts of the weights
+    it made, so within this one the net would still see the old confidence branches.
     """
     was_training = net.training
     net.eval()
-    outs = [net.forward_all(part) for part in x.split(chunk or x.shape[0])]
-    confidences = [torch.cat(a) for a in zip(*(o.confidence_logits for o in outs))]
+    inputs: list[list[torch.Tensor]] = [[] for _ in net.heads]
+
+    def keep(i: int) -> Callable:
+        return lambda module, args: inputs[i].append(args[0].detach().float())
+
+    hooks = [head.confidence.register_forward_pre_hook(keep(i)) for i, head in enumerate(net.heads)]
+    try:
+        for part in x.split(chunk or x.shape[0]):
+            net.forward_all(part)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    generator = torch.Generator().manual_seed(0)
     remaining = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    for i, (head, a) in enumerate(zip(net.heads, confidences, strict=True)):
-        a = a.float()
+    for i, head in enumerate(net.heads):
+        z = torch.cat(inputs[i])
+        mean = z.mean(dim=0)
+        unit = mean / mean.norm().clamp_min(1e-12)
+        w = torch.randn(z.shape[1], generator=generator).to(z.device)
+        w -= (w @ unit) * unit
+        a = (z - mean) @ w
         scale = a.std().clamp_min(1e-12)
-        head.confidence.weight.div_(scale)
-        head.confidence.bias.copy_((head.confidence.bias - a.mean()) / scale)
-        a = (a - a.mean()) / scale
+        w, a = w / scale, a / scale
         values = a[remaining].sort(descending=True).values
         k = counts[i]
-        if k == 0:
+        if values.numel() == 0:  # all have left (ties in half precision): nobody is left
+            bias = -(a.max() + 1.0)
+        elif k == 0:
             bias = -(values[0] + 1.0)
         elif k >= values.numel():
             bias = -(values[-1] - 1.0)
         else:
             bias = -(values[k - 1] + values[k]) / 2
-        head.confidence.bias.add_(bias)
+        # The branch computes z @ w + b = a + bias, with b = bias - mean @ w (nearly bias).
+        head.confidence.weight.copy_(w.view_as(head.confidence.weight))
+        head.confidence.bias.fill_(float(bias - mean @ w))
         leave = remaining & (a + bias >= 0)
         remaining &= ~leave
     net.train(was_training)

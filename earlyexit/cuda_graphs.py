@@ -21,7 +21,9 @@ Two layers:
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+import contextlib
+import gc
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -263,6 +265,18 @@ class _Steps:
         return int(count)
 
 
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """No garbage collection until the block ends (what is garbage is collected later)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class _GraphSteps(_Steps):
     """The steps as CUDA graphs: each warmed up and captured once, in one memory pool."""
 
@@ -290,9 +304,14 @@ class _GraphSteps(_Steps):
                     self._step(i, b)
                 graph = torch.cuda.CUDAGraph()
                 # thread_local: another thread's CUDA call (a DataLoader's pin-memory thread
-                # allocating pinned memory) must not invalidate this capture.
-                with torch.cuda.graph(
-                    graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"
+                # allocating pinned memory) must not invalidate this capture. No garbage
+                # collection during it: one could free another graph mid-capture (PyTorch
+                # no longer collects when a capture starts).
+                with (
+                    _no_gc(),
+                    torch.cuda.graph(
+                        graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"
+                    ),
                 ):
                     outputs = self._step(i, b)
         except Exception as err:  # the stage's own error, or the capture's

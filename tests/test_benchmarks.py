@@ -133,6 +133,30 @@ def test_speed_new_methods_fill_rows_and_skip_graphs_on_cpu(script, tmp_path, ca
     assert isinstance(loaded.methods["predict"], speed.MethodResult)
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_speed_force_pattern_sends_the_counts_out_of_an_untrained_net(script, dtype):
+    # Untrained heads barely tell samples apart; in bfloat16 most tied, and every sample left
+    # at exit 0 (the preset on a GPU stopped with an IndexError at exit 1).
+    speed = script("speed")
+    torch.manual_seed(0)
+    net = earlyexit.convert(timm.create_model("resnet20"), n_exits=3).eval()
+    x = torch.randn(64, 3, 32, 32)
+    counts = [16, 16, 16, 16]
+
+    def autocast():  # a region of its own each: autocast keeps the weights it cast
+        return torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+    with autocast():
+        speed.force_pattern(net, x, counts, chunk=32)
+    net.threshold = 0.5
+    with autocast(), torch.no_grad():
+        histogram = torch.bincount(net.early_exit(x).exit_index, minlength=4).tolist()
+    if dtype is None:
+        assert histogram == counts
+    else:  # samples can tie in half precision: about the counts
+        assert all(abs(n - 16) <= 6 for n in histogram), histogram
+
+
 def test_speed_a_run_stopped_early_keeps_the_rows_it_measured(script, tmp_path, monkeypatch):
     speed = script("speed")
     measure = speed.measure

@@ -24,7 +24,7 @@ import earlyexit._pipeline
 import earlyexit.stream
 from earlyexit.stream import Prediction
 
-from toy_models import spread_resnet20
+from toy_models import decisive_confidences, spread_resnet20
 
 POOL = 40  # samples the streams are drawn from
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -62,9 +62,9 @@ def _batches(x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     return list(x.split(sizes))
 
 
-def _check_against_alone(pred: Prediction, alone, index: torch.Tensor) -> None:
+def _check_against_alone(pred: Prediction, alone, index: torch.Tensor, tol: dict = TOL) -> None:
     assert pred.exit_index.tolist() == alone.exit_index[index].tolist()
-    torch.testing.assert_close(pred.logits, alone.logits[index], **TOL)
+    torch.testing.assert_close(pred.logits, alone.logits[index], **tol)
     torch.testing.assert_close(pred.cost, alone.cost[index], rtol=0, atol=0)
 
 
@@ -291,13 +291,17 @@ def test_cuda_net_with_cpu_inputs(pool, monkeypatch):
     # TF32 would make the batched and the per-sample results differ by more than float noise.
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    net = _make_net().cuda()
+    net = _make_net()
+    # Confidences that vary with the features: the spread of the untrained prior alone is
+    # scaled by hundreds, and cuDNN's kernels for batches of 4 and of 1 round differently.
+    decisive_confidences(net, pool)
+    net.cuda()
     with torch.no_grad():
         results = [net.early_exit(pool[k : k + 1].cuda()) for k in range(POOL)]
     alone = earlyexit.EarlyExitResult(*(torch.cat(parts).cpu() for parts in zip(*results)))
     pred = earlyexit.predict(net, pool.split(6), batch_size=4)  # CPU inputs go to the GPU
     assert all(t.device.type == "cpu" for t in pred.result)
-    _check_against_alone(pred, alone, torch.arange(POOL))
+    _check_against_alone(pred, alone, torch.arange(POOL), tol={"rtol": 1e-4, "atol": 1e-4})
 
 
 # Two ranks: 23 samples in uneven batches, so that rank 0 runs 12 samples and rank 1 runs 11.

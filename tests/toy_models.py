@@ -65,6 +65,23 @@ def spread_confidences(net, x: torch.Tensor) -> None:
             head.confidence.weight.div_(scale)
 
 
+def decisive_confidences(net, x: torch.Tensor, seed: int = 0) -> None:
+    """Random confidence branches that tell the samples of `x` apart, then `spread_confidences`.
+
+    An untrained `conv` head's confidence barely varies between samples (its prior reads
+    nearly uniform logits), so spreading it alone scales it by hundreds, and a half-precision
+    rounding then moves h by more than any margin a test could allow; random weights over the
+    head's features vary at the scale of the features instead.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for head in net.heads:
+            w = head.confidence.weight
+            w.copy_(torch.randn(w.shape, generator=g) / w.shape[1] ** 0.5)
+            head.confidence.bias.zero_()
+    spread_confidences(net, x)
+
+
 def randomize_norms(model: nn.Module, seed: int = 0) -> None:
     """Give every batch norm statistics and an affine map that are not the identity."""
     g = torch.Generator().manual_seed(seed)
