@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # What a session with a CUDA GPU runs once, from the repository root:
 #   0. a preflight of a few seconds: the Python with PyTorch, the project importable with its
-#      dependencies (a small model converted on the CPU), and a CUDA device; it stops here,
-#      before any GPU time is spent on the rest, when one of them is missing;
+#      dependencies (a small model converted on the CPU), pytest, hypothesis and
+#      pytest-timeout when the tests step is to run, and a CUDA device; it stops here, before
+#      any GPU time is spent on the rest, when one of them is missing;
 #   then the steps, in this order unless STEPS says otherwise (e.g. STEPS="preset"):
-#   tests:  the GPU tests (`pytest -m gpu`: tests/test_cuda.py, CUDA graphs included, and the
-#           GPU tests of other files), their output in pytest-gpu.txt;
+#   tests:  the GPU tests (`pytest -m gpu`: the GPU tests of the other files, then
+#           tests/test_cuda.py, CUDA graphs included, whose torch.compile test, the slowest,
+#           is last), their output in pytest-gpu.txt;
 #   preset: the speed benchmark's `--preset issue`: ResNet-110, resnet50 and
 #           deit_small_patch16_224, the original model as a CUDA graph against early_exit and
 #           predict, eager and with CUDA graphs; speed-<model>.json, written row by row;
@@ -44,7 +46,8 @@ if [ "${1:-}" = "--prepare" ]; then
     dir="${2:?usage: bash benchmarks/gpu_check.sh --prepare DIR}"
     # fvcore and what it imports, then what the tests import (pytest and its plugins).
     "$python" -m pip wheel -q --no-deps -w "$dir" fvcore iopath yacs termcolor portalocker \
-        tabulate pytest pluggy iniconfig hypothesis sortedcontainers attrs pytest-timeout
+        tabulate pytest pluggy iniconfig pygments packaging exceptiongroup tomli hypothesis \
+        sortedcontainers attrs pytest-timeout
     echo "== wheels for an offline GPU machine in $dir/:"
     ls "$dir"
     exit 0
@@ -155,10 +158,12 @@ summary=()
 for name in $steps; do
     case "$name" in
         tests)
-            # A file that fails to import is reported, and the other files still run.
+            # A file that fails to import is reported, and the other files still run;
+            # tests/test_cuda.py last, so that its compile test is the last test.
+            files="$(ls tests/test_*.py | grep -v '^tests/test_cuda.py$' | tr '\n' ' ')"
             step tests bash -c "set -o pipefail; \"$python\" -m pytest -m gpu -q \
-                -p no:cacheprovider --continue-on-collection-errors tests 2>&1 \
-                | tee -i \"$out/pytest-gpu.txt\"" || tests=$?
+                -p no:cacheprovider --continue-on-collection-errors $files tests/test_cuda.py \
+                2>&1 | tee -i \"$out/pytest-gpu.txt\"" || tests=$?
             ;;
         preset)
             # The issue's tables: the original as a CUDA graph against early_exit and predict,

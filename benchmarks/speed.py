@@ -51,6 +51,7 @@ batches of each size), `forward_all` gives every confidence branch's inputs. Eac
 seeded random weights along which those inputs vary (orthogonal to their mean, so that no large
 offset cancels in half precision), scaled to a unit spread of its logit a_i, then its bias is
 set so that, of the samples still running at exit i, exactly the chosen number have a_i >= 0
+(the inputs are random, so no two tie)
 (h_i >= 0.5 = T): the bias goes midway between the two logits that separate leavers from
 stayers. The confidences stay a function of
 the input, so which samples leave is decided by the data, as in a trained net, and the mix of
@@ -210,8 +211,9 @@ def force_pattern(
     vary, orthogonal to their mean: untrained heads see nearly the same features for every
     sample (most of all a ViT's, averaged over its tokens), so a branch that read the mean
     would add a large offset and cancel it with its bias, and in half precision that
-    cancellation leaves most samples tied. `counts` holds exactly in float32; in half
-    precision, where samples can still tie, about (the run reports the exits it measured).
+    cancellation leaves most samples tied. `counts` holds exactly in float32 for distinct
+    samples; in half precision, where samples can still tie, about (the run reports the exits
+    it measured).
 
     `chunk`: run `forward_all` on this many samples at a time (all at once when None). Run the
     net afterwards in an autocast region of its own: a region keeps the casts of the weights
@@ -1433,8 +1435,12 @@ def save_json(
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     partial = f"{path}.partial"
-    with open(partial, "w") as f:
-        json.dump(payload, f, indent=2)
+    try:
+        with open(partial, "w") as f:
+            json.dump(payload, f, indent=2)
+    except BaseException:  # stopped while writing: the last whole write stays, nothing else
+        Path(partial).unlink(missing_ok=True)
+        raise
     os.replace(partial, path)
 
 

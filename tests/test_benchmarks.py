@@ -197,6 +197,7 @@ def test_speed_a_run_stopped_while_it_writes_keeps_the_last_write(script, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         speed.main([*argv, "--methods", "original", "early_exit", "--json", str(saved)])
     assert writes == [1, 2]
+    assert [p.name for p in tmp_path.iterdir()] == ["speed.json"]  # the half write is gone
     monkeypatch.setattr(speed.json, "dump", dump)
     payload = json.loads(saved.read_text())
     assert payload["complete"] is False
