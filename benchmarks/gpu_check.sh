@@ -32,22 +32,32 @@
 # lacks fvcore and the pure-Python packages it needs. Make wheels of them first, on a machine
 # that can reach one, and bring the folder along:
 #
-#   bash benchmarks/gpu_check.sh --prepare wheels   # fvcore and its needs, pytest and plugins
+#   PREPARE_PYTHON=3.12 bash benchmarks/gpu_check.sh --prepare wheels
 #   WHEELS=wheels OUT=gpu-results bash benchmarks/gpu_check.sh
 #
-# WHEELS installs every wheel in that folder into a temporary folder put on PYTHONPATH (no
-# index, no dependencies resolved). PYTHON picks the interpreter (default: python3, else
-# python).
+# --prepare fetches wheels of fvcore and what it imports, and of pytest, hypothesis,
+# pytest-timeout and what they import, for the GPU machine's Python (PREPARE_PYTHON, default:
+# this one's version; some of them hold compiled code) on x86-64 Linux. WHEELS installs, of the
+# wheels in that folder, those whose package that machine's Python does not have already (its
+# own stay: a second pytest beside the image's would not match the image's plugins) into a
+# temporary folder put on PYTHONPATH (no index, no dependencies resolved). PYTHON picks the
+# interpreter (default: python3, else python).
 set -euo pipefail
 
 python="${PYTHON:-$(command -v python3 || command -v python || echo python3)}"
 
 if [ "${1:-}" = "--prepare" ]; then
     dir="${2:?usage: bash benchmarks/gpu_check.sh --prepare DIR}"
-    # fvcore and what it imports, then what the tests import (pytest and its plugins).
-    "$python" -m pip wheel -q --no-deps -w "$dir" fvcore iopath yacs termcolor portalocker \
-        tabulate pytest pluggy iniconfig pygments packaging exceptiongroup tomli hypothesis \
+    version="${PREPARE_PYTHON:-$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')}"
+    # What fvcore imports, then what the tests import (pytest and its plugins), as wheels for
+    # that Python on x86-64 Linux ...
+    "$python" -m pip download -q --no-deps --only-binary=:all: --python-version "$version" \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d "$dir" iopath yacs termcolor portalocker tabulate \
+        pytest pluggy iniconfig pygments packaging exceptiongroup tomli hypothesis \
         sortedcontainers attrs pytest-timeout
+    # ... and fvcore, published as source only: built here (pure Python).
+    "$python" -m pip wheel -q --no-deps -w "$dir" fvcore
     echo "== wheels for an offline GPU machine in $dir/:"
     ls "$dir"
     exit 0
@@ -70,8 +80,20 @@ mkdir -p "$out"
 
 if [ -n "${WHEELS:-}" ]; then
     site="$(mktemp -d)"
-    echo "== installing the wheels in $WHEELS into $site (no index)"
-    "$python" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$WHEELS"/*.whl
+    missing=()
+    for wheel in "$WHEELS"/*.whl; do
+        name="$(basename "$wheel")"
+        if ! "$python" -c 'import importlib.metadata as m, sys; m.version(sys.argv[1])' \
+            "${name%%-*}" 2> /dev/null; then
+            missing+=("$wheel")
+        fi
+    done
+    echo "== installing ${#missing[@]} of the wheels in $WHEELS into $site (no index; the" \
+        "others' packages are there already)"
+    if [ "${#missing[@]}" -gt 0 ]; then
+        "$python" -m pip install -q --no-index --no-deps --no-compile --target "$site" \
+            "${missing[@]}"
+    fi
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from types import ModuleType
 from unittest import mock
@@ -664,6 +665,34 @@ def test_gpu_check_preflight_stops_before_the_gpu_steps(tmp_path):
     done = _gpu_check(tmp_path, PYTHONPATH=str(hide), STEPS="preset sweep")
     assert done.returncode == 3
     assert "No CUDA device is visible" in done.stderr and "tests step" not in done.stderr
+
+
+def _wheel(folder: Path, name: str, version: str) -> None:
+    """A minimal pure-Python wheel of package `name`: one module that holds nothing."""
+    info = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": "",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as wheel:
+        for path, text in files.items():
+            wheel.writestr(path, text)
+
+
+def test_gpu_check_installs_only_the_wheels_of_missing_packages(tmp_path):
+    # A wheel of a package the Python has (here: pytest) stays out, so that the machine's own
+    # pytest and its plugins keep working; the wheel of a missing package goes in.
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "pytest", "0.0.1")  # an empty module: installed, it would hide pytest
+    _wheel(wheels, "earlyexit_probe_missing", "0.1")
+    done = _gpu_check(tmp_path, WHEELS=str(wheels), DEVICE="cpu", STEPS="tests", BUDGET="0")
+    assert "installing 1 of the wheels" in done.stdout, done.stdout + done.stderr
+    assert "pytest" in done.stdout and "device cpu" in done.stdout  # the preflight imported it
+    assert done.returncode == 124  # no budget left for the step itself
+    assert "== tests: not run" in done.stdout
 
 
 def test_gpu_check_steps_run_in_order_each_within_its_limit(tmp_path):
