@@ -255,8 +255,12 @@ def test_speed_micro_batches_join_the_baselines(script, capsys):
     assert "positive int" in capsys.readouterr().err
 
 
-def test_speed_graph_methods_bookkeeping_with_eager_stand_ins(script, monkeypatch):
-    """The CUDA-only paths, with the graphs replaced by the same steps run eagerly."""
+@pytest.mark.parametrize(
+    "options", [[], ["--amp", "--amp-dtype", "bfloat16", "--channels-last"]], ids=["fp32", "bf16"]
+)
+def test_speed_graph_methods_bookkeeping_with_eager_stand_ins(script, monkeypatch, options):
+    """The CUDA-only paths, with the graphs replaced by the same steps run eagerly (and, as
+    the preset runs them on a GPU, under bfloat16 autocast in channels_last)."""
     speed = script("speed")
     captured = []
 
@@ -267,7 +271,8 @@ def test_speed_graph_methods_bookkeeping_with_eager_stand_ins(script, monkeypatc
     monkeypatch.setattr(speed, "graphs_unavailable", lambda device, args: None)
     monkeypatch.setattr(speed, "capture_graph", lambda fn: fn)
     monkeypatch.setattr(speed, "capture_runner", capture_runner)
-    args = speed.build_parser().parse_args([*TINY, "--samples", "8", "--no-reference"])
+    argv = [*TINY, "--samples", "8", "--no-reference", *options]
+    args = speed.build_parser().parse_args(argv)
     row = speed.measure(args, torch.device("cpu"), 4, speed.pattern_shares("uniform", 3), {})
     assert row.baseline == "original_graphs" and row.stage_timing == "cuda_graphs"
     # no micro-batches on CUDA
