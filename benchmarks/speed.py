@@ -51,11 +51,10 @@ batches of each size), `forward_all` gives every confidence branch's inputs. Eac
 seeded random weights along which those inputs vary (orthogonal to their mean, so that no large
 offset cancels in half precision), scaled to a unit spread of its logit a_i, then its bias is
 set so that, of the samples still running at exit i, exactly the chosen number have a_i >= 0
-(the inputs are random, so no two tie)
 (h_i >= 0.5 = T): the bias goes midway between the two logits that separate leavers from
-stayers. The confidences stay a function of
-the input, so which samples leave is decided by the data, as in a trained net, and the mix of
-exits inside each batch is as random as the inputs. The achieved histogram is measured by
+stayers (the inputs are random, so no two tie). The confidences stay a function of the
+input, so which samples leave is decided by the data, as in a trained net, and the mix of exits
+inside each batch is as random as the inputs. The achieved histogram is measured by
 running `early_exit` and printed; the mean cost in the efficiency is the achieved one (with
 `--amp` it can miss the target by a few samples: bfloat16 rounds the confidences coarsely).
 

@@ -16,7 +16,7 @@ import earlyexit
 from earlyexit.inference import _select, exit_mask
 from earlyexit.placement import place_exits
 
-from toy_models import BranchyNet, FeatureNet, ToyNet
+from toy_models import BranchyNet, FeatureNet, ToyNet, randomize_confidences
 
 CL = torch.channels_last
 DISTRIBUTIONS = ["pareto", "golden_ratio", "fine", "linear", "quadratic"]
@@ -34,12 +34,8 @@ def _model(name: str) -> tuple[torch.nn.Module, tuple[int, int, int] | None]:
 def _spread_confidences(net: earlyexit.EarlyExitNet, x: torch.Tensor, scale: float = 50.0) -> None:
     """Random heads put every h near 0.5: make the confidence branches decisive, each one
     sending about half of the batch `x` out (so that every exit gets samples)."""
-    generator = torch.Generator().manual_seed(0)
+    randomize_confidences(net, scale)
     with torch.no_grad():
-        for head in net.heads:
-            w = head.confidence.weight
-            w.copy_(torch.randn(w.shape, generator=generator) * scale / w.shape[1] ** 0.5)
-            head.confidence.bias.zero_()
         out = net.forward_all(x)
         for head, a in zip(net.heads, out.confidence_logits):
             # Midway between the two middle logits: no sample sits on the threshold, where

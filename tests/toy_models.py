@@ -73,13 +73,19 @@ def decisive_confidences(net, x: torch.Tensor, seed: int = 0) -> None:
     rounding then moves h by more than any margin a test could allow; random weights over the
     head's features vary at the scale of the features instead.
     """
+    randomize_confidences(net, seed=seed)
+    spread_confidences(net, x)
+
+
+def randomize_confidences(net, scale: float = 1.0, seed: int = 0) -> None:
+    """Seeded random confidence weights (`scale` / sqrt(fan-in) times a standard normal) and
+    zero biases."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for head in net.heads:
             w = head.confidence.weight
-            w.copy_(torch.randn(w.shape, generator=g) / w.shape[1] ** 0.5)
+            w.copy_(torch.randn(w.shape, generator=g) * scale / w.shape[1] ** 0.5)
             head.confidence.bias.zero_()
-    spread_confidences(net, x)
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> None:
